@@ -1,0 +1,3 @@
+"""mwm: guided masked image modeling for medical images."""
+
+__version__ = "0.1.0"

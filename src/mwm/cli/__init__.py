@@ -1,0 +1,31 @@
+"""The `mwm` command line (typer + rich)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from . import data as data_cmds
+from .demo import demo
+
+app = typer.Typer(name="mwm", help="Guided masked image modeling for medical images (Mask What Matters and friends).",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+app.add_typer(data_cmds.app, name="data")
+app.command()(demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mwm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                          help="Print the version and exit.")] = None) -> None:
+    """Guided masked image modeling for medical images."""
+
+
+__all__ = ["app"]

@@ -1,0 +1,50 @@
+"""Pieces every command shares: the console, error reporting, and the read options."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import MWMError
+
+console = Console(stderr=True)
+out = Console()
+
+
+def handle_errors(fn):
+    """Report :class:`MWMError` as one red line (no traceback) and exit with status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MWMError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with options (CLI options win).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override one config key: --set a.b=value (repeatable).")]
+Window = Annotated[Optional[str], typer.Option(help="Intensity window: auto, minmax, lung, mediastinum, brain, bone.")]
+WindowCenter = Annotated[Optional[float], typer.Option(help="Custom window centre (raw units, HU for CT).")]
+WindowWidth = Annotated[Optional[float], typer.Option(help="Custom window width.")]
+Axis = Annotated[Optional[int], typer.Option("--axis", help="NIfTI slice axis in RAS+: 0 sagittal, 1 coronal, 2 axial.")]
+SliceStart = Annotated[Optional[int], typer.Option(help="NIfTI: first slice index to read.")]
+SliceStop = Annotated[Optional[int], typer.Option(help="NIfTI: slice index to stop before.")]
+SkipEmpty = Annotated[Optional[bool], typer.Option("--skip-empty/--keep-empty", help="NIfTI: leave out empty slices.")]
+Labels = Annotated[Optional[str], typer.Option(help="Folder labels: none, or folders (one subfolder per class).")]
+Strict = Annotated[Optional[bool], typer.Option("--strict/--lenient", help="Fail on the first unreadable file instead of skipping it.")]
+
+
+def read_option_values(window, window_center, window_width, axis, slice_start, slice_stop, skip_empty, labels,
+                       strict) -> dict:
+    """CLI values → dotted keys of :class:`mwm.data.ReadOptions` (None = not given)."""
+    return {"read.window": window, "read.window_center": window_center, "read.window_width": window_width,
+            "read.nifti_axis": axis, "read.slice_start": slice_start, "read.slice_stop": slice_stop,
+            "read.skip_empty_slices": skip_empty, "read.labels": labels, "read.strict": strict}

@@ -1,0 +1,60 @@
+"""Raw pixel values → intensities in [0, 1] (windowing and scaling)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def apply_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Linear window: ``clip((x - (center - width/2)) / width, 0, 1)``.
+
+    The plain linear form (DICOM PS3.3 C.11.2.1.3 "LINEAR_EXACT"); the ±0.5
+    offsets of the default DICOM formula move results by less than one grey level.
+    x: any shape, raw values (HU for CT). Returns float32 of the same shape.
+    """
+    lo = center - width / 2.0
+    return np.clip((x.astype(np.float32) - lo) / float(width), 0.0, 1.0).astype(np.float32)
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] by the array's own range; a constant array becomes all zeros."""
+    x = x.astype(np.float32)
+    finite = np.isfinite(x)
+    if not finite.all():
+        x = np.where(finite, x, np.nan)
+    lo, hi = np.nanmin(x) if finite.any() else 0.0, np.nanmax(x) if finite.any() else 0.0
+    if not np.isfinite(hi - lo) or hi - lo <= 0:
+        return np.zeros_like(x, dtype=np.float32)
+    return np.nan_to_num((x - lo) / (hi - lo), nan=0.0).astype(np.float32)
+
+
+def percentile_window(x: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> tuple[float, float]:
+    """(center, width) spanning the ``lo_pct``–``hi_pct`` percentiles of the finite values."""
+    v = x[np.isfinite(x)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(v, [lo_pct, hi_pct])
+    if hi <= lo:
+        lo, hi = float(v.min()), float(v.max())
+    width = float(hi - lo) if hi > lo else 1.0
+    return float(lo + width / 2.0), width
+
+
+def scale_integer_image(x: np.ndarray) -> np.ndarray:
+    """8-bit → ``x / 255``; wider integer or float images → min–max (their range usage varies)."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if x.dtype == bool:
+        return x.astype(np.float32)
+    return minmax(x)
+
+
+def to_gray(x: np.ndarray) -> np.ndarray:
+    """(H, W, 3|4) → (H, W) by ITU-R BT.601 luma; (H, W) passes through."""
+    if x.ndim == 2:
+        return x
+    if x.shape[-1] == 4:
+        x = x[..., :3]
+    if x.shape[-1] == 1:
+        return x[..., 0]
+    return (x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114).astype(np.float32)

@@ -1,0 +1,35 @@
+"""Shared fixtures. The suite runs offline on data it makes itself; tests on the real
+datasets in ../shared/data skip with a reason where that folder is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MWM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_file(name: str) -> Path:
+    """A file of ../shared/data, or skip the test saying why."""
+    p = SHARED_DATA / name
+    if not p.is_file():
+        pytest.skip(f"{p} not present (the real datasets live in ../shared/data beside the checkout; "
+                    "set MWM_SHARED_DATA to point elsewhere)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def phantoms_npz(tmp_path_factory) -> Path:
+    """60 phantoms at 32 px with masks, labels and captions."""
+    from mwm.data.synthetic import PhantomConfig, generate
+
+    path = tmp_path_factory.mktemp("phantoms") / "phantoms.npz"
+    generate(PhantomConfig(n=60, size=32, seed=0)).save_npz(path)
+    return path
