@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import MWMError
 
@@ -23,7 +24,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MWMError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -158,8 +158,8 @@ def _body(rng: np.random.Generator, size: int) -> _Anatomy:
     """Wide ellipse: bright skin rim, soft tissue, two dark lungs (upper half), bright vertebra."""
     s = float(size)
     cy, cx = s / 2 + rng.uniform(-0.03, 0.03) * s, s / 2 + rng.uniform(-0.03, 0.03) * s
-    a = rng.uniform(0.34, 0.40) * s
-    b = rng.uniform(0.43, 0.47) * s
+    a = rng.uniform(0.37, 0.42) * s
+    b = rng.uniform(0.44, 0.47) * s
     angle = rng.uniform(-0.08, 0.08)
     t = max(1.0, 0.025 * s)
     outer = _soft_inside(_ellipse_rho(size, cy, cx, a, b, angle), a)
@@ -174,13 +174,14 @@ def _body(rng: np.random.Generator, size: int) -> _Anatomy:
 
     blocked = np.zeros((size, size), dtype=bool)
     for side in (-1.0, 1.0):
-        ly, lx = at(-0.25 * a, side * 0.48 * b)
-        lung = _soft_inside(_ellipse_rho(size, ly, lx, 0.48 * a * rng.uniform(0.9, 1.1),
-                                         0.30 * b * rng.uniform(0.9, 1.1), angle + side * 0.15), 0.3 * b)
+        # lungs kept in the upper half and narrow so lesions have room below and between them
+        ly, lx = at(-0.32 * a, side * 0.5 * b)
+        lung = _soft_inside(_ellipse_rho(size, ly, lx, 0.42 * a * rng.uniform(0.9, 1.1),
+                                         0.27 * b * rng.uniform(0.9, 1.1), angle + side * 0.15), 0.27 * b)
         img = img * (1 - lung) + (0.10 + 0.03 * tex) * lung
         blocked |= lung > 0
-    vy, vx = at(0.62 * a, 0.0)
-    r_v = 0.065 * s
+    vy, vx = at(0.7 * a, 0.0)
+    r_v = 0.055 * s
     spine = _soft_inside(_ellipse_rho(size, vy, vx, r_v, r_v * 1.15, 0.0), r_v)
     img = img * (1 - spine) + 0.85 * spine
     blocked |= spine > 0
@@ -198,7 +199,7 @@ class _LesionSpec:
     size: str
     intensity: str
     texture: str
-    radius: float
+    radius: float  # mean radius: the disk of equal area for ovals, the base radius for irregular
     contrast: float
     # shape parameters: oval aspect/orientation, irregular harmonics (k, amplitude, phase)
     aspect: float = 1.0
@@ -208,7 +209,15 @@ class _LesionSpec:
 
     def max_radius(self) -> float:
         """Largest boundary radius over all angles, px (bounds the support)."""
-        return self.radius * (1.0 + sum(abs(h[1]) for h in self.harmonics))
+        return self.radius * (1.0 + sum(abs(h[1]) for h in self.harmonics)) / np.sqrt(self.aspect)
+
+
+def _size_word(radius_frac: float, drawn: str) -> str:
+    """The drawn size word, or a smaller one when the radius fell below the drawn range."""
+    if radius_frac >= _SIZE_RANGES[drawn][0]:
+        return drawn
+    fits = [w for w in SIZES if radius_frac >= _SIZE_RANGES[w][0]]
+    return fits[-1] if fits else "small"
 
 
 def _lesion_kind(shape: str, texture: str) -> str:
@@ -232,7 +241,7 @@ def _sample_lesion(rng: np.random.Generator, size: int, combos: list[tuple[str, 
         spec.aspect, spec.orient = rng.uniform(0.5, 0.68), rng.uniform(0, np.pi)
     else:  # irregular: lobulated outline from 3 random harmonics
         ks = rng.choice([2, 3, 4, 5, 6], size=3, replace=False)
-        amps = rng.dirichlet(np.ones(3)) * rng.uniform(0.22, 0.35)
+        amps = rng.dirichlet(np.ones(3)) * rng.uniform(0.22, 0.32)
         phases = rng.uniform(0, 2 * np.pi, size=3)
         spec.harmonics = [(int(k), float(am), float(ph)) for k, am, ph in zip(ks, amps, phases)]
     return spec
@@ -243,9 +252,9 @@ def _boundary_radius(spec: _LesionSpec, theta: np.ndarray) -> np.ndarray:
     if spec.harmonics:
         mod = sum(am * np.cos(k * theta + ph) for k, am, ph in spec.harmonics)
         return spec.radius * (1.0 + mod)
-    # ellipse with semi-axes radius (along orient) and radius*aspect
+    # ellipse with the area of a disk of the mean radius: semi-axes r/sqrt(q) (along orient), r*sqrt(q)
     psi = theta - spec.orient
-    a, b = spec.radius, spec.radius * spec.aspect
+    a, b = spec.radius / np.sqrt(spec.aspect), spec.radius * np.sqrt(spec.aspect)
     return a * b / np.sqrt((b * np.cos(psi)) ** 2 + (a * np.sin(psi)) ** 2)
 
 
@@ -421,9 +430,10 @@ def render_phantom(cfg: PhantomConfig, seq: np.random.SeedSequence) -> RenderedP
         while center is None and spec.radius >= _MIN_RADIUS_PX:
             center = _place(rng, room, spec.max_radius() + gap, placed, gap)
             if center is None:
-                spec.radius *= 0.85  # too big for the room left: shrink, keep the drawn size word
+                spec.radius *= 0.85  # too big for the room left: shrink it
         if center is None:
             continue
+        spec.size = _size_word(spec.radius / size, spec.size)  # a shrunk lesion is described as it is
         cy, cx = center[0] + 0.5, center[1] + 0.5
         win, support, d = _render_lesion(rng, spec, cy, cx, anat.image)
         delta[win] += d
