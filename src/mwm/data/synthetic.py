@@ -36,6 +36,12 @@ Location is the 3×3 cell of the image holding the lesion's center, in image
 coordinates (left = small column index; no radiological left/right flip).
 Lesions are listed top-to-bottom, then left-to-right.
 
+A lesion too big for the room left is shrunk and its size word follows its
+final radius; in tiny images (≲ 24 px) one may not fit at all, and the label is
+always derived from the lesions actually placed. ``render_phantom`` returns each
+image together with its lesion-free ``background`` (same anatomy and noise), so
+``image != background`` is exactly the mask.
+
 Determinism: image ``i`` depends only on ``(seed, i)`` (one child of
 ``SeedSequence(seed).spawn(n)`` per image), so a larger ``n`` extends a smaller
 one. The train/val/test split is stratified by label and depends on all labels.
