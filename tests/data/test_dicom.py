@@ -127,11 +127,16 @@ def test_multiframe_shipped_rtdose():
         np.testing.assert_allclose(LOADER.load(path, k, AUTO), minmax_ref(arr[k]), atol=1e-6)
 
 
-def test_rgb_returns_three_channels_over_255():
+def test_rgb_returns_three_channels_over_255(tmp_path):
     path = shipped("examples_rgb_color.dcm")  # uncompressed 8-bit RGB
     img = LOADER.load(path, None, LUNG)  # no window on colour
     assert img.shape == (240, 320, 3) and img.dtype == np.float32
     np.testing.assert_allclose(img, pydicom.dcmread(path).pixel_array / 255.0, atol=1e-6)
+    ds = pydicom.dcmread(path)
+    dim = (ds.pixel_array // 4 + 10).astype(np.uint8)  # 10..73: /255 keeps it dim, min–max would not
+    ds.PixelData = dim.tobytes()
+    ds.save_as(tmp_path / "dim.dcm")
+    np.testing.assert_allclose(LOADER.load(tmp_path / "dim.dcm", None, AUTO), dim / 255.0, atol=1e-6)
     mf = shipped("SC_rgb_rle_2frame.dcm")  # RLE is decoded by pydicom itself
     parts = LOADER.expand(mf, AUTO)
     assert [s for s, _ in parts] == ["#f0000", "#f0001"]

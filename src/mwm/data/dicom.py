@@ -89,6 +89,16 @@ def expand(path: Path, options: ReadOptions) -> list[tuple[str, object]]:
     return [(f"#f{k:04d}", k) for k in range(n)]
 
 
+def _missing_decoder(e: Exception) -> bool:
+    """Whether a decode failure means "no plugin for this compression" rather than bad data.
+
+    pydicom 3: RuntimeError "... all plugins are missing dependencies"; pydicom 2:
+    RuntimeError/NotImplementedError "... handlers ... missing required dependencies".
+    """
+    text = str(e).lower()
+    return isinstance(e, ImportError) or any(w in text for w in ("missing", "handler", "plugin"))
+
+
 def _decode(ds: Dataset, path: Path, frame: int | None) -> np.ndarray:
     """Stored pixel values of one frame: (H, W) or (H, W, 3) (YBR converted to RGB by pydicom)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -99,8 +109,7 @@ def _decode(ds: Dataset, path: Path, frame: int | None) -> np.ndarray:
         arr = ds.pixel_array
     except (RuntimeError, NotImplementedError, ImportError, ValueError) as e:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if ts is not None and ts.is_compressed and ("missing" in str(e).lower() or "handler" in str(e).lower()
-                                                    or "plugin" in str(e).lower() or isinstance(e, ImportError)):
+        if ts is not None and ts.is_compressed and _missing_decoder(e):
             raise ReadError(str(path), f"pixel data is compressed as '{ts.name}' and no installed decoder "
                                        f"can read it; run `{PIP_HINT}`") from e
         raise ReadError(str(path), f"cannot decode pixel data ({type(e).__name__}: {e})") from e
