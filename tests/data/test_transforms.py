@@ -50,3 +50,11 @@ def test_mask_and_box_follow_the_image(policy):
     assert xs.min() >= box[0] * size - 1 and xs.max() + 1 <= box[2] * size + 1
     assert ys.min() >= box[1] * size - 1 and ys.max() + 1 <= box[3] * size + 1
     assert abs(m.sum() - (box[2] - box[0]) * (box[3] - box[1]) * size * size) <= 2 * size
+
+
+@pytest.mark.parametrize("policy", ["pad", "stretch", "crop"])
+def test_unbox_inverts_box(policy):
+    fit = Fit.of(30, 50, 20, policy)
+    b = [0.3, 0.35, 0.6, 0.7]
+    back = fit.unbox(fit.box(b, 30, 50, 20), 30, 50, 20)
+    assert back == pytest.approx(b, abs=1e-9)

@@ -9,10 +9,12 @@ import typer
 from .. import __version__
 from . import data as data_cmds
 from .demo import demo
+from .localize import localize
 
 app = typer.Typer(name="mwm", help="Guided masked image modeling for medical images (Mask What Matters and friends).",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.add_typer(data_cmds.app, name="data")
+app.command()(localize)
 app.command()(demo)
 
 

@@ -44,6 +44,13 @@ class Fit:
         ys = [(y0 * h) * self.sy + self.oy, (y1 * h) * self.sy + self.oy]
         return [min(max(v / size, 0.0), 1.0) for v in (xs[0], ys[0], xs[1], ys[1])]
 
+    def unbox(self, box: list[float], h: int, w: int, size: int) -> list[float]:
+        """The inverse of :meth:`box`: normalized to the output → normalized to the input, clipped."""
+        x0, y0, x1, y1 = box
+        xs = [(x0 * size - self.ox) / self.sx / w, (x1 * size - self.ox) / self.sx / w]
+        ys = [(y0 * size - self.oy) / self.sy / h, (y1 * size - self.oy) / self.sy / h]
+        return [min(max(v, 0.0), 1.0) for v in (xs[0], ys[0], xs[1], ys[1])]
+
 
 def _place(t: torch.Tensor, fit: Fit, size: int, mode: str) -> torch.Tensor:
     """t: (C, h, w) → (C, size, size) resized by ``fit`` then padded/cropped around the centre."""

@@ -1,0 +1,360 @@
+"""`mwm localize`: scans + prompt → ROI manifest (rois.jsonl + meta.json), saliency maps, gallery.
+
+Resumable and shardable: every finished batch is appended to the manifest as whole lines in one
+write (a run killed mid-write leaves at most one truncated last line, which the reader drops), and
+images already in the manifest are skipped on the next run. ``--shard i/n`` takes every n-th image
+and writes ``rois.part-i-of-n.jsonl``; whichever run finds every image done merges the parts into
+``rois.jsonl`` in dataset order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .. import __version__
+from ..config import atomic_write_text
+from ..data import ReadOptions, open_source
+from ..data.transforms import Fit, to_tensor
+from ..errors import DataError, MWMError, ReadError
+from .m2ib import M2IBConfig, m2ib_saliency
+
+
+class LocalizeConfig(BaseModel):
+    """Everything `mwm localize` does, with MWM's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path
+    out: Path
+    prompt: str | None = None
+    prompts_file: Path | None = Field(default=None, description="JSON: {image id or class name: prompt}")
+    vlm: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    vlm_pretrained: str | None = None
+    m2ib: M2IBConfig = M2IBConfig()
+    binarize: Literal["kmeans", "otsu", "threshold"] = "kmeans"
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    components: int = Field(default=1, ge=1, description="keep the k largest connected components")
+    box_mode: Literal["union", "per_component"] = "union"
+    expand: float = Field(default=0.1, ge=0, description="box margin ratio per side")
+    sam: str | None = Field(default=None, description="SAM checkpoint file, or transformers SAM dir/hub name")
+    sam_type: str = "vit_b"
+    split: str | None = None
+    limit: int | None = Field(default=None, ge=1, description="only the first N images (after split/shard)")
+    batch_size: int = Field(default=16, ge=1)
+    device: str = "auto"
+    shard: str | None = Field(default=None, description="i/n: this run takes images i, i+n, i+2n, … (0-based)")
+    save_saliency: bool = False
+    save_masks: bool = False
+    gallery: int = Field(default=24, ge=0, description="images shown in index.html")
+    resize: Literal["pad", "stretch", "crop"] = "pad"
+    read: ReadOptions = ReadOptions()
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            i, n = (int(p) for p in v.split("/"))
+        except ValueError:
+            raise ValueError(f"shard must look like i/n (e.g. 0/4), got '{v}'") from None
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"shard {v}: need 0 <= i < n")
+        return v
+
+    def shard_index(self) -> tuple[int, int]:
+        if self.shard is None:
+            return 0, 1
+        i, n = (int(p) for p in self.shard.split("/"))
+        return i, n
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+# -- prompts -----------------------------------------------------------------------------------
+def prompt_resolver(cfg: LocalizeConfig, label_names: list[str]):
+    """A function (image id, label) → prompt: image id, then class name, then ``default``, then --prompt."""
+    table: dict[str, str] = {}
+    if cfg.prompts_file is not None:
+        try:
+            table = json.loads(Path(cfg.prompts_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{cfg.prompts_file}: cannot read the prompts JSON ({e})") from e
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise DataError(f"{cfg.prompts_file}: expected a JSON object mapping image ids or class names to prompt strings")
+    if cfg.prompt is None and not table:
+        raise DataError("give a prompt: --prompt 'brain tumor', or --prompts-file prompts.json")
+
+    def resolve(image_id: str, label: int) -> str:
+        p = table.get(image_id)
+        if p is None and 0 <= label < len(label_names):
+            p = table.get(label_names[label])
+        if p is None:
+            p = table.get("default", cfg.prompt)
+        if p is None:
+            raise DataError(f"no prompt for image {image_id} (class {label_names[label] if 0 <= label < len(label_names) else 'none'}): "
+                            "add it (or a 'default') to the prompts file, or pass --prompt")
+        if not p.strip():
+            raise DataError(f"the prompt for image {image_id} is empty; prompts must name what to localize")
+        return p
+
+    return resolve
+
+
+# -- manifest ----------------------------------------------------------------------------------
+def manifest_paths(out: Path, shard: tuple[int, int]) -> tuple[Path, Path]:
+    """(this run's part file, the merged manifest)."""
+    i, n = shard
+    merged = out / "rois.jsonl"
+    return (merged if n == 1 else out / f"rois.part-{i}-of-{n}.jsonl"), merged
+
+
+def done_records(out: Path) -> dict[str, dict]:
+    """Every record already written (merged manifest and all shard parts), by image id."""
+    from .manifest import read_manifest
+
+    recs: dict[str, dict] = {}
+    for p in [out / "rois.jsonl", *sorted(out.glob("rois.part-*-of-*.jsonl"))]:
+        if p.is_file():
+            for r in read_manifest(p, validate=False):
+                recs[r["image"]] = r
+    return recs
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    """Append whole JSON lines with one write + fsync (a kill leaves at most one partial last line)."""
+    if not records:
+        return
+    import os
+
+    data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        # a previous kill may have left a partial line: start ours on a fresh line
+        if f.tell() > 0:
+            with open(path, "rb") as g:
+                g.seek(-1, os.SEEK_END)
+                if g.read(1) != b"\n":
+                    data = "\n" + data
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- the run -------------------------------------------------------------------------------------
+def _gallery_ids(ids: list[str], k: int) -> set[str]:
+    """A deterministic, evenly spread sample of ids for the gallery."""
+    if k <= 0 or not ids:
+        return set()
+    step = max(1, len(ids) // k)
+    return set(ids[::step][:k])
+
+
+def localize(cfg: LocalizeConfig, progress=None, log=print) -> dict:
+    """Run the pipeline; returns a summary dict. ``progress(n)`` is called per image processed."""
+    from .postprocess import binarize, boxes_to_mask, expand_boxes, largest_components, mask_to_boxes
+    from .vlm import load_vlm
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = open_source(cfg.data, cfg.read)
+    resolve_prompt = prompt_resolver(cfg, src.label_names)
+    shard = cfg.shard_index()
+    all_idx = src.indices(cfg.split)
+    if not all_idx:
+        raise DataError(f"{cfg.data}: no images in split '{cfg.split}'")
+    if cfg.limit:
+        all_idx = all_idx[: cfg.limit]
+    my_idx = all_idx[shard[0]:: shard[1]]
+    ids = src.ids
+    part_path, merged_path = manifest_paths(out, shard)
+    done = done_records(out)
+    todo = [i for i in my_idx if ids[i] not in done]
+    gallery_ids = _gallery_ids([ids[i] for i in all_idx], cfg.gallery)
+
+    device = pick_device(cfg.device)
+    vlm = load_vlm(cfg.vlm, device=str(device), pretrained=cfg.vlm_pretrained)
+    size = vlm.image_size[0]
+    grid = vlm.stages.grid
+    sam = None
+    if cfg.sam:
+        from .sam import load_sam
+
+        sam = load_sam(cfg.sam, sam_type=cfg.sam_type, device=str(device))
+    _write_meta(cfg, out, vlm, len(all_idx))
+
+    # text embeddings: once per distinct prompt
+    prompts_of = {i: resolve_prompt(ids[i], src.labels[i]) for i in todo}
+    distinct = sorted(set(prompts_of.values()))
+    text = dict(zip(distinct, vlm.encode_text(distinct))) if distinct else {}
+
+    n_ok = n_bad = 0
+    for b0 in range(0, len(todo), cfg.batch_size):
+        batch = todo[b0: b0 + cfg.batch_size]
+        recs: list[dict] = []
+        samples = []
+        for i in batch:
+            try:
+                s = src.read(i)
+            except ReadError as e:
+                if cfg.read.strict:
+                    raise
+                warnings.warn(str(e), stacklevel=2)
+                recs.append(_record(ids[i], 0, 0, prompts_of[i], [], f"unreadable: {e.reason}"))
+                continue
+            h, w = s.image.shape[:2]
+            if min(h, w) < max(grid):
+                recs.append(_record(s.id, w, h, prompts_of[i], [], "too_small",
+                                    note=f"{w}x{h} px is smaller than the VLM's {grid[1]}x{grid[0]} patch grid"))
+                continue
+            samples.append((i, s))
+        if samples:
+            imgs01 = torch.stack([to_tensor(s.image, size, 3, cfg.resize) for _, s in samples]).to(device)
+            pixels = vlm.preprocess(imgs01)
+            temb = torch.stack([text[prompts_of[i]] for i, _ in samples]).to(device)
+            res = m2ib_saliency(vlm.stages, pixels, temb, cfg.m2ib, keys=[s.id for _, s in samples],
+                                out_size=(size, size))
+            sal = res.saliency
+            binary, status = binarize(sal, cfg.binarize, cfg.threshold)
+            kept = largest_components(binary, cfg.components)
+            for j, (i, s) in enumerate(samples):
+                h, w = s.image.shape[:2]
+                st = status[j]
+                m = kept[j]
+                note = None
+                if st == "ok" and sam is not None and bool(m.any()):
+                    comp_boxes = mask_to_boxes(m, "per_component")
+                    px = torch.tensor(comp_boxes, dtype=torch.float32) * size
+                    m, sam_note = sam.refine(imgs01[j], px)
+                    note = sam_note or None
+                boxes_sq = mask_to_boxes(m, cfg.box_mode) if st == "ok" else []
+                if st == "ok" and not boxes_sq:
+                    st = "empty_roi"
+                boxes_sq = expand_boxes(boxes_sq, cfg.expand)
+                fit = Fit.of(h, w, size, cfg.resize)
+                boxes = [fit.unbox(b, h, w, size) for b in boxes_sq]
+                boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
+                if st == "ok" and not boxes:
+                    st = "empty_roi"
+                rec = _record(s.id, w, h, prompts_of[i], boxes, st, note=note)
+                if st == "ok" and boxes and _area(boxes) > 0.95:
+                    rec["flags"] = ["roi_covers_image"]
+                rec["fit"] = round(float(res.fit[j]), 5)
+                if cfg.save_saliency:
+                    rec["saliency"] = _save_map(out / "saliency", s.id, sal[j])
+                if cfg.save_masks:
+                    rec["mask"] = _save_map(out / "masks", s.id, m.float())
+                if s.id in gallery_ids:
+                    _gallery_panel(out / "gallery", s, imgs01[j], sal[j], m, boxes_sq, rec)
+                recs.append(rec)
+        append_lines(part_path, recs)
+        for r in recs:
+            n_ok += r["status"] == "ok"
+            n_bad += r["status"] != "ok"
+        if progress is not None:
+            progress(len(batch))
+
+    done = done_records(out)
+    merged = False
+    if all(ids[i] in done for i in all_idx) and (shard[1] > 1 or not merged_path.is_file() or todo):
+        order = [done[ids[i]] for i in all_idx]
+        atomic_write_text(merged_path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in order))
+        merged = True
+    write_gallery(out, cfg)
+    summary = {"processed": len(todo), "ok": n_ok, "failed": n_bad, "skipped_done": len(my_idx) - len(todo),
+               "total": len(all_idx), "manifest": str(merged_path if merged or shard[1] == 1 else part_path),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    return summary
+
+
+def _area(boxes: list[list[float]]) -> float:
+    from .postprocess import boxes_to_mask
+
+    return float(boxes_to_mask(boxes, 64, 64).float().mean())
+
+
+def _record(image_id: str, w: int, h: int, prompt: str, boxes: list, status: str, note: str | None = None) -> dict:
+    rec = {"image": image_id, "width": int(w), "height": int(h),
+           "boxes": [[round(float(v), 6) for v in b] for b in boxes], "prompt": prompt, "status": status}
+    if note:
+        rec["note"] = note
+    return rec
+
+
+def _safe_name(image_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)
+
+
+def _save_map(folder: Path, image_id: str, m: torch.Tensor) -> str:
+    from ..report.overlays import save_png
+
+    a = (torch.nan_to_num(m).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    name = _safe_name(image_id) + ".png"
+    save_png(a, folder / name)
+    return f"{folder.name}/{name}"
+
+
+def _gallery_panel(folder: Path, s, img01: torch.Tensor, sal: torch.Tensor, mask: torch.Tensor,
+                   boxes_sq: list, rec: dict) -> None:
+    from ..report.overlays import draw_boxes, gray_rgb, heatmap, hstack, save_png, tint, upscale
+
+    base = gray_rgb(img01.mean(0).cpu().numpy())
+    panels = [base, heatmap(sal.cpu().numpy(), base), tint(base, mask.cpu().numpy()),
+              draw_boxes(base, boxes_sq, width=max(1, base.shape[0] // 100))]
+    save_png(hstack([upscale(p) for p in panels]), folder / (_safe_name(s.id) + ".png"))
+    atomic_write_text(folder / (_safe_name(s.id) + ".json"), json.dumps(rec))
+
+
+def write_gallery(out: Path, cfg: LocalizeConfig) -> Path:
+    """index.html over every panel in out/gallery (so a resumed run's gallery is complete)."""
+    import html
+
+    folder = out / "gallery"
+    rows = []
+    for js in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        rec = json.loads(js.read_text())
+        boxes = ", ".join("[" + ", ".join(f"{v:.2f}" for v in b) + "]" for b in rec["boxes"]) or "none"
+        rows.append(f"<figure><img src='gallery/{html.escape(js.stem)}.png' loading='lazy'>"
+                    f"<figcaption><b>{html.escape(rec['image'])}</b> — {html.escape(rec['status'])} — "
+                    f"prompt “{html.escape(rec['prompt'])}” — boxes {boxes}</figcaption></figure>")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mwm localize — {html.escape(str(cfg.data))}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} figure{{margin:0 0 1.2em 0}} img{{image-rendering:pixelated;max-width:100%}}
+figcaption{{font-size:0.9em;color:#333}}</style></head><body>
+<h1>Localization gallery</h1>
+<p>Data <code>{html.escape(str(cfg.data))}</code>, VLM <code>{html.escape(cfg.vlm)}</code>, M2IB layer {cfg.m2ib.layer}, β {cfg.m2ib.beta},
+{cfg.m2ib.steps} steps × {cfg.m2ib.noise_copies} copies, binarize {cfg.binarize}, {cfg.components} component(s), expand {cfg.expand}.
+Each row: scan (as the VLM sees it) · M2IB saliency · binary mask · final box(es).</p>
+{''.join(rows) or '<p>No gallery images yet.</p>'}
+</body></html>"""
+    atomic_write_text(out / "index.html", page)
+    return out / "index.html"
+
+
+def _write_meta(cfg: LocalizeConfig, out: Path, vlm, n: int) -> None:
+    import importlib.metadata as md
+
+    def ver(p: str) -> str | None:
+        try:
+            return md.version(p)
+        except md.PackageNotFoundError:
+            return None
+
+    meta = {"config": cfg.model_dump(mode="json"), "mwm": __version__, "n_images": n,
+            "vlm": {"name": vlm.name, "image_size": list(vlm.image_size), "grid": list(vlm.stages.grid)},
+            "versions": {p: ver(p) for p in ("torch", "open_clip_torch", "timm", "transformers", "segment-anything")},
+            "python": platform.python_version()}
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))

@@ -1,0 +1,1 @@
+"""Pictures and pages users look at: overlays, reconstructions, HTML galleries and reports."""
