@@ -1,0 +1,124 @@
+"""Policies: per-patch importance/ROI → keep-mask with exact counts, vectorized over the batch.
+
+Every function returns ``keep``: bool ``(B, 1, h, w)``, True = visible to the encoder (the
+contract in DESIGN.md). No per-sample Python loop and no host synchronisation: counts are
+tensors, selection is a rank comparison, so the whole batch is a handful of kernels and the
+same code runs on CPU and GPU. Randomness comes from an explicit ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def _ranks(keys: torch.Tensor) -> torch.Tensor:
+    """keys (B, N) → rank of each entry in ascending order (B, N), int64."""
+    order = keys.argsort(dim=1)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(keys.shape[1], device=keys.device).expand_as(order))
+    return ranks
+
+
+def n_keep(n: torch.Tensor | int, ratio: torch.Tensor | float) -> torch.Tensor:
+    """Visible count ``round(n · (1 − ratio))`` (round half to even, as torch.round)."""
+    n = torch.as_tensor(n)
+    return torch.round(n.to(torch.float64) * (1 - torch.as_tensor(ratio, dtype=torch.float64))).to(torch.int64)
+
+
+def random_keep(batch: int, grid: tuple[int, int], ratio: float, generator: torch.Generator | None = None,
+                device=None) -> torch.Tensor:
+    """SparK/MAE random masking: exactly ``round(N·(1−ratio))`` visible patches per sample. → (B, 1, h, w)."""
+    h, w = grid
+    n = h * w
+    k = int(n_keep(n, ratio))
+    keep = _ranks(_uniform((batch, n), generator, device)) < k
+    return keep.view(batch, 1, h, w)
+
+
+def two_region_keep(roi: torch.Tensor, ratio_in: torch.Tensor | float, ratio_out: torch.Tensor | float,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """MWM two-level masking: mask ``ratio_in`` of the ROI patches and ``ratio_out`` of the rest, exact per
+    region and sample. roi: bool (B, h, w); ratios: floats or (B,) tensors. → keep (B, 1, h, w).
+
+    Vectorized by sorting keys ``region + u`` (u uniform in [0, 1)): background patches take ranks
+    0..n_out−1 and ROI patches n_out..N−1, each region in random order; a patch is kept when its
+    rank within its region is below that region's keep count.
+    """
+    B, h, w = roi.shape
+    r = roi.reshape(B, -1)
+    n_in = r.sum(1)
+    n_out = r.shape[1] - n_in
+    k_in = n_keep(n_in, ratio_in).to(r.device)
+    k_out = n_keep(n_out, ratio_out).to(r.device)
+    u = _uniform(r.shape, generator, r.device)
+    rank = _ranks(r.to(u.dtype) + u)
+    rank_in_region = torch.where(r, rank - n_out[:, None], rank)
+    keep = torch.where(r, rank_in_region < k_in[:, None], rank_in_region < k_out[:, None])
+    return keep.view(B, 1, h, w)
+
+
+def ratios_for_overall(roi: torch.Tensor, overall: float, ratio_in: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (ratio_in, ratio_out) that mask exactly ``round(N·overall)`` patches while masking the ROI at
+    ``ratio_in`` where possible. The reference's overall ratio drifts with ROI size; this holds it fixed.
+    The ROI is never masked at a lower ratio than the background (it gets at least its proportional share).
+
+    roi: bool (B, h, w) → two (B,) float64 tensors. When the ROI is too small to take its share the
+    background takes the rest; when the background cannot take the rest the ROI ratio rises.
+    """
+    B = roi.shape[0]
+    N = roi[0].numel()
+    n_in = roi.reshape(B, -1).sum(1).to(torch.float64)
+    n_out = N - n_in
+    m_total = torch.round(torch.tensor(N * overall, dtype=torch.float64))
+    # at least the ROI's proportional share, so rounding never masks the ROI less than the background
+    m_in = torch.maximum(torch.round(n_in * ratio_in), torch.ceil(m_total * n_in / N - 1e-9)).clamp(max=n_in)
+    m_out = (m_total - m_in).clamp(min=0)
+    m_out = torch.minimum(m_out, n_out)
+    m_in = (m_total - m_out).clamp(max=n_in)  # if the background is full, the ROI takes the rest
+    r_in = torch.where(n_in > 0, m_in / n_in.clamp_min(1), torch.zeros_like(n_in))
+    r_out = torch.where(n_out > 0, m_out / n_out.clamp_min(1), torch.zeros_like(n_out))
+    # n_keep rounds n·(1−r); feed exact fractions back so the counts land on m_in / m_out
+    return r_in.to(roi.device), r_out.to(roi.device)
+
+
+def soft_keep(importance: torch.Tensor, ratio: float, temperature: float = 0.25,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Importance-weighted sampling: mask exactly ``N − round(N·(1−ratio))`` patches, drawn without replacement
+    with probability ∝ exp(importance / temperature) (Gumbel-top-k), so important patches are masked more
+    often but any patch may stay visible. importance: (B, h, w) in [0, 1]. → keep (B, 1, h, w)."""
+    B, h, w = importance.shape
+    x = importance.reshape(B, -1).float()
+    k = int(n_keep(h * w, ratio))
+    u = _uniform(x.shape, generator, x.device).clamp_(1e-12, 1 - 1e-12)
+    gumbel = -torch.log(-torch.log(u))
+    score = x / temperature + gumbel  # high score = masked first
+    keep = _ranks(-score) >= (h * w - k)
+    return keep.view(B, 1, h, w)
+
+
+def topk_keep(importance: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mask the ``N − round(N·(1−ratio))`` most important patches (ties broken at random). → (B, 1, h, w)."""
+    B, h, w = importance.shape
+    x = importance.reshape(B, -1).float()
+    k = int(n_keep(h * w, ratio))
+    u = _uniform(x.shape, generator, x.device) * 1e-6  # tie-break only
+    keep = _ranks(-(x + u)) >= (h * w - k)
+    return keep.view(B, 1, h, w)
+
+
+def realised_ratios(keep: torch.Tensor, roi: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Mask ratios actually drawn, as 0-d tensors (no host sync): overall, and inside/outside the ROI."""
+    masked = ~keep.flatten(1)
+    out = {"mask_ratio": masked.float().mean()}
+    if roi is not None:
+        r = roi.flatten(1)
+        n_in = r.sum()
+        n_out = r.numel() - n_in
+        out["mask_ratio_in"] = (masked & r).sum() / n_in.clamp_min(1)
+        out["mask_ratio_out"] = (masked & ~r).sum() / n_out.clamp_min(1)
+        out["roi_fraction"] = r.float().mean()
+    return out

@@ -1,0 +1,130 @@
+"""Maskers: exact counts, ratios, ROI edge cases, determinism, area-based ROI grid (property tests)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mwm.masking import (MaskingConfig, boxes_tensor, create_masker, n_keep, random_keep, ratios_for_overall,
+                         roi_coverage, soft_keep, topk_keep, two_region_keep)
+
+grids = st.sampled_from([(2, 2), (4, 4), (7, 7), (3, 5), (14, 14)])
+ratios = st.floats(0.0, 0.95)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@settings(max_examples=40, deadline=None)
+@given(grid=grids, ratio=ratios, b=st.integers(1, 6), seed=st.integers(0, 10**6))
+def test_random_exact_count(grid, ratio, b, seed):
+    keep = random_keep(b, grid, ratio, gen(seed))
+    n = grid[0] * grid[1]
+    assert keep.shape == (b, 1, *grid) and keep.dtype == torch.bool
+    assert (keep.flatten(1).sum(1) == round(n * (1 - ratio))).all() or \
+           (keep.flatten(1).sum(1) == int(n_keep(n, ratio))).all()
+
+
+@st.composite
+def roi_batches(draw):
+    h, w = draw(grids)
+    b = draw(st.integers(1, 6))
+    masks = []
+    for _ in range(b):
+        kind = draw(st.sampled_from(["empty", "full", "random"]))
+        if kind == "empty":
+            masks.append(torch.zeros(h, w, dtype=torch.bool))
+        elif kind == "full":
+            masks.append(torch.ones(h, w, dtype=torch.bool))
+        else:
+            bits = draw(st.lists(st.booleans(), min_size=h * w, max_size=h * w))
+            masks.append(torch.tensor(bits).view(h, w))
+    return torch.stack(masks)
+
+
+@settings(max_examples=60, deadline=None)
+@given(roi=roi_batches(), r_in=st.floats(0, 1), r_out=st.floats(0, 0.95), seed=st.integers(0, 10**6))
+def test_two_region_exact_per_region(roi, r_in, r_out, seed):
+    keep = two_region_keep(roi, r_in, r_out, gen(seed))[:, 0]
+    for i in range(roi.shape[0]):  # checking per sample is the point of this test
+        n_in = int(roi[i].sum())
+        n_out = roi[i].numel() - n_in
+        assert int((keep[i] & roi[i]).sum()) == int(n_keep(n_in, r_in))
+        assert int((keep[i] & ~roi[i]).sum()) == int(n_keep(n_out, r_out))
+        # ratio within one patch of target in each region
+        if n_in:
+            assert abs((1 - (keep[i] & roi[i]).sum() / n_in) - r_in) <= 1 / n_in + 1e-9
+    again = two_region_keep(roi, r_in, r_out, gen(seed))[:, 0]
+    assert torch.equal(keep, again)  # deterministic under a seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(roi=roi_batches(), overall=st.floats(0.05, 0.9), r_in=st.floats(0.3, 1.0))
+def test_overall_ratio_held(roi, overall, r_in):
+    a, b = ratios_for_overall(roi, overall, r_in)
+    keep = two_region_keep(roi, a, b, gen(1))
+    N = roi[0].numel()
+    masked = (~keep).flatten(1).sum(1)
+    assert (masked == round(N * overall)).all() or (masked - N * overall).abs().max() <= 0.5 + 1e-9
+    # skew: the ROI is masked at least as much as the background wherever both exist
+    both = roi.flatten(1).any(1) & (~roi).flatten(1).any(1)
+    assert (a[both] >= b[both] - 1e-9).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(grid=grids, ratio=ratios, seed=st.integers(0, 1000))
+def test_soft_and_topk_exact_count(grid, ratio, seed):
+    imp = torch.rand(3, *grid, generator=gen(seed))
+    k = int(n_keep(grid[0] * grid[1], ratio))
+    for keep in (soft_keep(imp, ratio, 0.25, gen(seed)), topk_keep(imp, ratio, gen(seed))):
+        assert (keep.flatten(1).sum(1) == k).all()
+    keep = topk_keep(imp, ratio, gen(seed))[:, 0]
+    # top-k masks exactly the most important patches
+    masked_min = torch.where(~keep, imp, torch.full_like(imp, 2.0)).flatten(1).amin(1)
+    kept_max = torch.where(keep, imp, torch.full_like(imp, -1.0)).flatten(1).amax(1)
+    assert (masked_min >= kept_max).all()
+
+
+def test_soft_prefers_important_patches():
+    imp = torch.zeros(2000, 4, 4)
+    imp[:, :2] = 1.0  # the top half is important
+    keep = soft_keep(imp, 0.5, 0.25, gen(0))[:, 0]
+    masked_top = (~keep[:, :2]).float().mean()
+    masked_bottom = (~keep[:, 2:]).float().mean()
+    assert masked_top > 0.9 and masked_bottom < 0.1
+
+
+def test_roi_coverage_by_area_keeps_small_boxes():
+    # a box of 1/4 patch that misses every patch centre: nearest-neighbour sampling would drop it
+    boxes, valid = boxes_tensor([[[0.01, 0.01, 0.05, 0.05]], [], [[0.0, 0.0, 1.0, 1.0]], [[0.25, 0.0, 0.75, 0.5]]])
+    cov = roi_coverage(boxes, valid, (4, 4))
+    assert cov[0, 0, 0] > 0 and cov[0].sum() > 0 and (cov[0] > 0).sum() == 1
+    assert cov[0, 0, 0].item() == pytest_approx((0.04 * 4) ** 2)
+    assert cov[1].sum() == 0 and torch.allclose(cov[2], torch.ones(4, 4))
+    assert torch.allclose(cov[3], torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.float32))
+    # total covered area equals the box area
+    assert abs(cov[3].sum().item() / 16 - 0.25) < 1e-6
+
+
+def pytest_approx(v):
+    import pytest
+
+    return pytest.approx(v, rel=1e-5)
+
+
+def test_registry_and_stats():
+    boxes, valid = boxes_tensor([[[0.0, 0.0, 0.5, 0.5]], []])
+    masker = create_masker(MaskingConfig(strategy="roi", ratio_in=1.0, ratio_out=0.0, ratio=0.5))
+    keep, stats = masker(2, (4, 4), boxes, valid, gen(0))
+    assert not keep[0, 0, :2, :2].any() and keep[0, 0, 2:].all()  # ROI fully masked, background fully visible
+    assert int((~keep[1]).sum()) == 8  # no ROI → uniform at `ratio`
+    assert set(stats) == {"mask_ratio", "mask_ratio_in", "mask_ratio_out", "roi_fraction"}
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in stats.values())
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown masking strategy"):
+        MaskingConfig(strategy="nope")
+    with pytest.raises(ValueError, match="needs ROI boxes"):
+        create_masker(MaskingConfig(strategy="roi"))(2, (4, 4))
