@@ -24,9 +24,11 @@ def _ranks(keys: torch.Tensor) -> torch.Tensor:
 
 
 def n_keep(n: torch.Tensor | int, ratio: torch.Tensor | float) -> torch.Tensor:
-    """Visible count ``round(n · (1 − ratio))`` (round half to even, as torch.round)."""
+    """Visible count ``round(n · (1 − ratio))`` (round half to even, as torch.round), in float64 so
+    ratios such as 0.3 give the count a user expects."""
     n = torch.as_tensor(n)
-    return torch.round(n.to(torch.float64) * (1 - torch.as_tensor(ratio, dtype=torch.float64))).to(torch.int64)
+    keep_frac = (1 - ratio.to(torch.float64)) if isinstance(ratio, torch.Tensor) else (1.0 - float(ratio))
+    return torch.round(n.to(torch.float64) * keep_frac).to(torch.int64)
 
 
 def random_keep(batch: int, grid: tuple[int, int], ratio: float, generator: torch.Generator | None = None,
@@ -44,21 +46,27 @@ def two_region_keep(roi: torch.Tensor, ratio_in: torch.Tensor | float, ratio_out
     """MWM two-level masking: mask ``ratio_in`` of the ROI patches and ``ratio_out`` of the rest, exact per
     region and sample. roi: bool (B, h, w); ratios: floats or (B,) tensors. → keep (B, 1, h, w).
 
-    Vectorized by sorting keys ``region + u`` (u uniform in [0, 1)): background patches take ranks
-    0..n_out−1 and ROI patches n_out..N−1, each region in random order; a patch is kept when its
-    rank within its region is below that region's keep count.
+    Vectorized by one sort of the keys ``region + u`` (u uniform in [0, 1)): background patches land at
+    sorted positions 0..n_out−1 and ROI patches at n_out..N−1, each region in random order; position p
+    is kept when its offset inside its region is below that region's keep count; one scatter puts
+    the decisions back in patch order.
     """
     B, h, w = roi.shape
-    r = roi.reshape(B, -1)
-    n_in = r.sum(1)
-    n_out = r.shape[1] - n_in
-    k_in = n_keep(n_in, ratio_in).to(r.device)
-    k_out = n_keep(n_out, ratio_out).to(r.device)
-    u = _uniform(r.shape, generator, r.device)
-    rank = _ranks(r.to(u.dtype) + u)
-    rank_in_region = torch.where(r, rank - n_out[:, None], rank)
-    keep = torch.where(r, rank_in_region < k_in[:, None], rank_in_region < k_out[:, None])
-    return keep.view(B, 1, h, w)
+    N = h * w
+    r = roi.reshape(B, N)
+    n_in = r.sum(1, keepdim=True)  # (B, 1)
+    n_out = N - n_in
+    k_in = n_keep(n_in, _col(ratio_in, r.device))
+    k_out = n_keep(n_out, _col(ratio_out, r.device))
+    order = (_uniform((B, N), generator, r.device) + r).argsort(dim=1)
+    pos = torch.arange(N, device=r.device)
+    keep_sorted = torch.where(pos < n_out, pos < k_out, (pos - n_out) < k_in)
+    return torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted).view(B, 1, h, w)
+
+
+def _col(ratio: torch.Tensor | float, device) -> torch.Tensor | float:
+    """A per-sample ratio tensor (B,) → (B, 1) so it broadcasts against (B, 1) counts; floats pass through."""
+    return ratio.to(device).reshape(-1, 1) if isinstance(ratio, torch.Tensor) else ratio
 
 
 def ratios_for_overall(roi: torch.Tensor, overall: float, ratio_in: float) -> tuple[torch.Tensor, torch.Tensor]:
