@@ -8,14 +8,18 @@ import typer
 
 from .. import __version__
 from . import data as data_cmds
+from . import vlm as vlm_cmds
 from .demo import demo
+from .localize_eval import localize_eval
 from .localize import localize
 
 app = typer.Typer(name="mwm", help="Guided masked image modeling for medical images (Mask What Matters and friends).",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.add_typer(data_cmds.app, name="data")
+app.add_typer(vlm_cmds.app, name="vlm")
 app.command()(localize)
 app.command()(demo)
+app.command("localize-eval")(localize_eval)
 
 
 def _version(value: bool) -> None:

@@ -237,9 +237,8 @@ def localize(cfg: LocalizeConfig, progress=None, log=print) -> dict:
                 m = kept[j]
                 note = None
                 if st == "ok" and sam is not None and bool(m.any()):
-                    comp_boxes = mask_to_boxes(m, "per_component")
-                    px = torch.tensor(comp_boxes, dtype=torch.float32) * size
-                    m, sam_note = sam.refine(imgs01[j], px)
+                    # all component boxes of the image in one SAM call; an empty SAM mask keeps its component
+                    m, sam_note = sam.refine(imgs01[j], kept.boxes[j].float() * size, fallback=kept.components[j])
                     note = sam_note or None
                 boxes_sq = mask_to_boxes(m, cfg.box_mode) if st == "ok" else []
                 if st == "ok" and not boxes_sq:
