@@ -6,8 +6,6 @@ Every command that writes outputs saves the resolved config beside them (:func:`
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import MWMError
+from .io import atomic_write_text  # noqa: F401  (re-exported: callers import it from here)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -81,20 +80,6 @@ def resolve(model: type[M], config_file: str | Path | None = None, sets: list[st
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> Path:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_path
 from .source import ImageSource
 from .transforms import ResizePolicy, mask_to_tensor, to_tensor
 
@@ -56,15 +55,8 @@ class ArrayDataset:
             arrays["orig_sizes"] = self.orig_sizes
         if meta is not None:
             arrays["meta_json"] = np.array(json.dumps(meta))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".npz") as tmp:
             np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def decode(source: ImageSource, size: int, channels: int = 1, policy: ResizePolicy = "pad",

@@ -50,7 +50,6 @@ one. The train/val/test split is stratified by label and depends on all labels.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -59,6 +58,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
+
+from ..io import atomic_path
 
 LABEL_NAMES: list[str] = ["normal", "benign", "malignant"]
 SHAPES = ("round", "oval", "irregular")
@@ -518,17 +519,8 @@ class Phantoms:
             "mask_valid": self.mask_valid.astype(bool),
             "captions": np.asarray(self.captions, dtype=str),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:  # a file object: numpy does not append ".npz"
-                np.savez_compressed(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # readers never see a half-written file
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez_compressed(tmp, **arrays)
         return path
 
 

@@ -6,12 +6,12 @@ about a millisecond, so a gallery of hundreds of images stays cheap.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..io import atomic_path
 
 
 def gray_rgb(img: np.ndarray) -> np.ndarray:
@@ -69,14 +69,6 @@ def hstack(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
 
 def save_png(arr: np.ndarray, path: str | Path) -> Path:
     """Write uint8 (H, W[, 3]) as PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem, suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)

@@ -1,0 +1,238 @@
+"""MAE for timm ViTs (He et al., CVPR 2022): drop the masked tokens, encode the visible ones, decode with a light
+transformer, predict the pixels of every patch, score the masked ones.
+
+>>> model = create_mim_model(MAEConfig(arch="vit_small_patch16_224", size=224))
+>>> keep, _ = masker(batch=B, grid=model.grid(224), device=x.device)      # bool (B, 1, 14, 14), True = visible
+>>> out = model(x, keep); out["loss"].backward()
+
+Token dropping (MAE §3 "MAE encoder"): the encoder runs on the ``n_vis`` visible patch tokens (+ the class
+token) only — the ×(1/(1−ratio)) saving that makes MAE fast. A batch is one dense tensor, so every sample needs
+the same ``n_vis``: the ``random`` and ``roi_overall`` maskers guarantee it (so do ``soft`` and ``topk``);
+MWM's two-level ``roi`` masker does not (its count follows ROI size) and is rejected with an error saying so.
+
+Decoder (MAE §3 "MAE decoder"): visible tokens → linear to the decoder width, a shared learned mask token in
+every masked slot, tokens put back in patch order, fixed 2-D sin-cos position embeddings, ``depth`` timm
+transformer blocks, LayerNorm, a linear head to the p²·C pixels of each patch. The loss and the
+reconstruction are shared with SparK (:mod:`mwm.mim.loss`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import timm
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .encoder import encoder_state_dict_for_timm, grid_for
+from .loss import masked_mse, reconstruct, unpatchify
+
+__all__ = ["MAE", "MAEConfig", "ViTEncoder", "MAEDecoder", "create_mae", "visible_index", "sincos_pos_embed_2d"]
+
+_COUNT_HINT = ("MAE drops masked tokens, so every image of a batch needs the same number of visible patches; "
+               "use masking strategy 'random' or 'roi_overall' (exact equal counts; 'soft' and 'topk' also work). "
+               "The two-level 'roi' strategy varies the count with ROI size and cannot be batched without padding.")
+
+
+class MAEConfig(BaseModel):
+    """An MAE model on a timm ViT (MAE's defaults are decoder width 512, depth 8; a light 192 × 2 decoder is
+    enough for fine-tuning transfer per MAE Table 1a/1b and costs a fraction of the encoder)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["mae"] = "mae"
+    arch: str = Field(default="vit_small_patch16_224", description="timm ViT (vit_tiny/small/base_patch16_224 …)")
+    size: int = Field(default=224, gt=0, description="input side in pixels; a multiple of the patch size")
+    in_chans: int = Field(default=3, ge=1)
+    decoder_dim: int = Field(default=192, ge=32)
+    decoder_depth: int = Field(default=2, ge=1)
+    decoder_heads: int | None = Field(default=None, ge=1, description="default: decoder_dim // 64")
+    norm_pix: bool = True
+    eps: float = Field(default=1e-6, gt=0)
+    drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+    pretrained: bool = False
+
+    @model_validator(mode="after")
+    def _dims(self) -> "MAEConfig":
+        if self.decoder_dim % 4:
+            raise ValueError("decoder_dim must be a multiple of 4 (2-D sin-cos position embedding)")
+        if self.decoder_dim % self.heads:
+            raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by {self.heads} heads")
+        return self
+
+    @property
+    def heads(self) -> int:
+        return self.decoder_heads or max(1, self.decoder_dim // 64)
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE; Vaswani et al. 2017 per axis): (h·w, dim), half the
+    channels encode the row, half the column, each as [sin(pos·ω_k), cos(pos·ω_k)], ω_k = 10000^(−k/(dim/4))."""
+    h, w = grid
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+
+    def axis(pos):
+        a = pos.reshape(-1, 1) * omega
+        return torch.cat([a.sin(), a.cos()], 1)
+
+    return torch.cat([axis(ys), axis(xs)], 1).float()
+
+
+def visible_index(keep: torch.Tensor, n_visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep (B, 1, h, w) bool → (ids_keep (B, n_vis), ids_restore (B, N)).
+
+    ``ids_keep``: the visible patch indices of each sample in patch order (a stable sort puts visible first);
+    ``ids_restore``: the inverse permutation, so ``cat([visible, masked])`` gathered with it is in patch order.
+    With ``n_visible=None`` the count is read from ``keep`` (one host sync, unavoidable for a data-dependent
+    shape) and checked equal across the batch; pass it (e.g. ``n_keep(h*w, ratio)``) to avoid the sync — the
+    check then runs asynchronously on the device.
+    """
+    B = keep.shape[0]
+    flat = keep.reshape(B, -1)
+    counts = flat.sum(1)
+    if n_visible is None:
+        lo, hi = (int(v) for v in torch.aminmax(counts))
+        if lo != hi:
+            raise ValueError(f"visible patches per image range from {lo} to {hi}. {_COUNT_HINT}")
+        n_visible = hi
+    else:
+        torch._assert_async((counts == n_visible).all(), f"visible-patch count differs from {n_visible}. {_COUNT_HINT}")
+    order = torch.argsort((~flat).to(torch.uint8), dim=1, stable=True)
+    return order[:, :n_visible], torch.argsort(order, dim=1)
+
+
+class ViTEncoder(nn.Module):
+    """A timm ViT that encodes only the visible patch tokens. ``forward(x, keep, n_visible=None)`` →
+    (tokens (B, P + n_vis, D) after the final norm, P = prefix tokens (class/register), ids_restore (B, N)).
+    ``keep=None`` encodes every token (the fine-tuning view)."""
+
+    def __init__(self, arch: str, size: int, pretrained: bool = False, **model_kwargs):
+        super().__init__()
+        model = timm.create_model(arch, pretrained=pretrained, img_size=size, **model_kwargs)
+        for attr in ("patch_embed", "_pos_embed", "blocks", "norm"):
+            if not hasattr(model, attr):
+                raise ValueError(f"timm model '{arch}' is not a VisionTransformer (no {attr}); the MAE path needs one")
+        if getattr(model, "dynamic_img_size", False):
+            raise ValueError("dynamic_img_size ViTs are not supported: create the model at the pretraining size")
+        model.reset_classifier(0)  # the head is never trained here; its keys are the ones export leaves out
+        self.model, self.arch, self.size = model, arch, size
+        self.model_kwargs = dict(model_kwargs)
+        ph, pw = model.patch_embed.patch_size
+        if ph != pw:
+            raise ValueError(f"non-square patches {ph}×{pw} are not supported")
+        self.stride = ph
+        self.embed_dim = model.embed_dim
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.grid_size = tuple(model.patch_embed.grid_size)
+
+    def export_model_kwargs(self) -> dict:
+        return {"img_size": self.size, **self.model_kwargs}
+
+    def grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
+        return grid_for(size, self.stride)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, n_visible: int | None = None):
+        m = self.model
+        t = m._pos_embed(m.patch_embed(x))  # (B, P + N, D): prefix tokens + position-embedded patch tokens
+        P = self.num_prefix_tokens
+        B, L, D = t.shape
+        if keep is None:
+            ids_restore = torch.arange(L - P, device=x.device).expand(B, -1)
+        else:
+            if keep.dtype != torch.bool or keep.shape != (B, 1, *self.grid_size):
+                raise ValueError(f"keep must be bool (B, 1, h, w) = {(B, 1, *self.grid_size)}, got "
+                                 f"{keep.dtype} {tuple(keep.shape)}")
+            ids_keep, ids_restore = visible_index(keep, n_visible)
+            vis = torch.gather(t[:, P:], 1, ids_keep[..., None].expand(-1, -1, D))
+            t = torch.cat([t[:, :P], vis], 1)
+        t = m.norm_pre(t)
+        t = m.blocks(t)
+        return m.norm(t), ids_restore
+
+    def timm_state_dict(self) -> dict[str, torch.Tensor]:
+        return encoder_state_dict_for_timm(self)
+
+
+class MAEDecoder(nn.Module):
+    """``forward(tokens (B, P + n_vis, D_enc), ids_restore (B, N)) → (B, N, p²·C)`` per-patch pixel predictions."""
+
+    def __init__(self, embed_dim: int, grid: tuple[int, int], patch: int, out_chans: int, num_prefix_tokens: int,
+                 dim: int = 192, depth: int = 2, heads: int = 3, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # fixed (not learned) and recomputed from the grid, so it is not part of the state_dict
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid)[None], persistent=False)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias=True,
+                                            norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, patch * patch * out_chans)
+        self._init()
+
+    def _init(self):
+        # MAE: xavier-uniform linears, zero biases, unit LayerNorms, N(0, 0.02) mask token
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        P = self.num_prefix_tokens
+        B, N = ids_restore.shape
+        vis = x[:, P:]
+        filled = torch.cat([vis, self.mask_token.to(x.dtype).expand(B, N - vis.shape[1], -1)], 1)
+        filled = torch.gather(filled, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :P], filled + self.pos_embed.to(x.dtype)], 1)  # prefix tokens carry no position
+        x = self.norm(self.blocks(x))
+        return self.pred(x[:, P:])
+
+
+class MAE(nn.Module):
+    """``forward(x (B, C, H, W), keep bool (B, 1, h, w), n_visible=None) → {"loss", "pred" (B, C, H, W)}``;
+    ``pred`` in target space (per-patch normalized when ``norm_pix``); :meth:`reconstruct` maps it back."""
+
+    def __init__(self, encoder: ViTEncoder, decoder: MAEDecoder, norm_pix: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.norm_pix, self.eps = norm_pix, eps
+
+    @property
+    def stride(self) -> int:
+        return self.encoder.stride
+
+    def grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
+        return grid_for(size, self.stride)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, n_visible: int | None = None) -> dict[str, torch.Tensor]:
+        tokens, ids_restore = self.encoder(x, keep, n_visible)
+        patches = self.decoder(tokens, ids_restore)
+        pred = unpatchify(patches, self.stride, keep.shape[-2:], x.shape[1])
+        return {"loss": masked_mse(x, pred, keep, self.norm_pix, self.eps), "pred": pred}
+
+    def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return reconstruct(x, pred, keep, self.norm_pix, self.eps)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        return encoder_state_dict_for_timm(self.encoder)
+
+
+def create_mae(cfg: MAEConfig) -> MAE:
+    kwargs = {"in_chans": cfg.in_chans}
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    enc = ViTEncoder(cfg.arch, cfg.size, pretrained=cfg.pretrained, **kwargs)
+    enc.grid(cfg.size)
+    dec = MAEDecoder(enc.embed_dim, enc.grid_size, enc.stride, cfg.in_chans, enc.num_prefix_tokens,
+                     dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.heads)
+    return MAE(enc, dec, norm_pix=cfg.norm_pix, eps=cfg.eps)

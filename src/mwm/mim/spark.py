@@ -1,0 +1,115 @@
+"""SparK: sparse masked modeling for CNNs (Tian et al., ICLR 2023) = sparse encoder + light decoder + masked loss.
+
+>>> model = create_mim_model(SparKConfig(arch="resnet50", size=224))
+>>> keep, _ = masker(batch=B, grid=model.grid(224), device=x.device)     # bool (B, 1, 7, 7), True = visible
+>>> out = model(x, keep); out["loss"].backward()
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from .decoder import LightDecoder
+from .encoder import SparseEncoder, encoder_state_dict_for_timm, grid_for
+from .loss import masked_mse, reconstruct
+
+__all__ = ["SparK", "SparKConfig", "create_spark"]
+
+
+class SparKConfig(BaseModel):
+    """A SparK model (Tian et al. 2023). ``densify_norm`` defaults to the backbone's kind (BN for BatchNorm
+    backbones, LN for ConvNeXt, as SparK).
+
+    ``decoder_width`` 256 (SparK: 768 for every backbone at ImageNet 224). The decoder is extra work a dense
+    classification step does not do; at 256 a ResNet-18@64 / ResNet-50@128 pretraining step costs ≈1.4× /
+    ≈1.25× a dense step on CPU, at 512 a ResNet-50 step ≈1.8× (``benchmarks/bench_pretrain_step.py``).
+    Raise it for capacity when compute allows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["spark"] = "spark"
+    arch: str = Field(default="resnet50", description="timm CNN: resnet18/34/50/101, resnext*, convnext_*")
+    size: int = Field(default=224, gt=0, description="input side in pixels; a multiple of the encoder stride (32)")
+    in_chans: int = Field(default=3, ge=1)
+    decoder_width: int = Field(default=256, ge=32, description="decoder width at stride 32; halves per level")
+    decoder_block: Literal["light", "spark"] = "light"
+    densify_norm: Literal["bn", "ln", "none"] | None = None
+    densify_kernel: Literal[1, 3] = Field(default=3, description="densify projection kernel below the top level")
+    decoder_channels_last: bool = True
+    norm_pix: bool = True
+    eps: float = Field(default=1e-6, gt=0)
+    drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+    pretrained: bool = False
+
+    @model_validator(mode="after")
+    def _size(self) -> "SparKConfig":
+        if self.size % 32:
+            raise ValueError(f"size {self.size} must be a multiple of 32 (the CNN's mask-grid stride)")
+        return self
+
+
+class SparK(nn.Module):
+    """``forward(x (B, C, H, W), keep bool (B, 1, h, w)) → {"loss": 0-d tensor, "pred": (B, C, H, W)}``.
+
+    ``pred`` is in target space (per-patch normalized pixels when ``norm_pix``); :meth:`reconstruct` maps it back.
+    ``stride`` and :meth:`grid` tell a masker the keep-mask grid.
+    """
+
+    def __init__(self, encoder: SparseEncoder, decoder: LightDecoder, norm_pix: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.norm_pix, self.eps = norm_pix, eps
+
+    @property
+    def stride(self) -> int:
+        return self.encoder.stride
+
+    def grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
+        return grid_for(size, self.stride)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.encoder(x, keep)
+        pred = self.decoder(feats, keep)
+        return {"loss": masked_mse(x, pred, keep, self.norm_pix, self.eps), "pred": pred}
+
+    def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return reconstruct(x, pred, keep, self.norm_pix, self.eps)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder as a timm state_dict (classifier keys missing only)."""
+        return encoder_state_dict_for_timm(self.encoder)
+
+    def convert_sync_batchnorm(self, process_group=None) -> "SparK":
+        """Synchronised BatchNorm for multi-GPU training, done right for the sparse parts: the encoder's and the
+        densify step's masked BatchNorms all-reduce their visible-position sums; the decoder's dense blocks become
+        ``nn.SyncBatchNorm``. Never call ``nn.SyncBatchNorm.convert_sync_batchnorm`` on the whole model: it would
+        replace the masked BatchNorms with dense ones (normalizing over the holes again)."""
+        import torch.distributed as dist
+
+        from .sparse import MaskedBatchNorm2d
+
+        group = process_group if process_group is not None else dist.group.WORLD
+        self.encoder.convert_sync_batchnorm(group)
+        for m in self.decoder.densify_norms:
+            if isinstance(m, MaskedBatchNorm2d):
+                m._mwm_sync_group = group
+        self.decoder.blocks = nn.SyncBatchNorm.convert_sync_batchnorm(self.decoder.blocks, process_group)
+        return self
+
+
+def create_spark(cfg: SparKConfig) -> SparK:
+    kwargs = {"in_chans": cfg.in_chans}
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    enc = SparseEncoder(cfg.arch, pretrained=cfg.pretrained, **kwargs)
+    enc.grid(cfg.size)  # validates the size against the real stride
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
+    norm = cfg.densify_norm or ("bn" if has_bn else "ln")
+    dec = LightDecoder(enc.channels, enc.reductions, width=cfg.decoder_width, out_chans=cfg.in_chans, densify_norm=norm,
+                       block=cfg.decoder_block, densify_kernel=cfg.densify_kernel,
+                       channels_last=cfg.decoder_channels_last)
+    return SparK(enc, dec, norm_pix=cfg.norm_pix, eps=cfg.eps)
