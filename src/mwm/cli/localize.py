@@ -19,7 +19,7 @@ def localize(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (rois.jsonl, meta.json, index.html).")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(help="JSON {image id or class name: prompt}.")] = None,
     vlm_pretrained: Annotated[Optional[str], typer.Option(help="Weights tag/file for a built-in open_clip name.")] = None,
-    layer: Annotated[Optional[int], typer.Option(help="M2IB: bottleneck after this vision block (0-based). [default: 7]")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="M2IB: bottleneck after this vision block (0-based). [default: 7 of 12 blocks, scaled to the tower]")] = None,
     beta: Annotated[Optional[float], typer.Option(help="M2IB β. [default: 0.1]")] = None,
     steps: Annotated[Optional[int], typer.Option(help="M2IB optimisation steps. [default: 10]")] = None,
     noise_copies: Annotated[Optional[int], typer.Option(help="M2IB noisy copies per step. [default: 10]")] = None,

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import MWMError
 from .vision import VisionStages
 
 
@@ -52,7 +53,8 @@ class M2IBConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    layer: int = Field(default=7, ge=0, description="bottleneck after this vision block (0-based)")
+    layer: int | None = Field(default=None, ge=0, description="bottleneck after this vision block (0-based); "
+                              "None: 7 for a 12-block tower (MWM's choice), scaled for other depths")
     beta: float = Field(default=0.1, ge=0)
     steps: int = Field(default=10, ge=1)
     noise_copies: int = Field(default=10, ge=1)
@@ -76,6 +78,20 @@ class M2IBResult:
 def image_seed(seed: int, key: str | int) -> int:
     """A stable 63-bit seed for one image (independent of Python's hash randomisation)."""
     return (int(seed) * 1_000_003 + zlib.crc32(str(key).encode())) % (2**63 - 1)
+
+
+class M2IBError(MWMError, ValueError):
+    """M2IB settings that do not fit the model."""
+
+
+def resolve_layer(layer: int | None, n_blocks: int) -> int:
+    """The bottleneck block: ``layer`` if given (checked), else MWM's 7-of-12 scaled to ``n_blocks``."""
+    if layer is None:
+        return min(n_blocks - 2, max(0, round(7 * n_blocks / 12))) if n_blocks > 1 else 0
+    if not 0 <= layer < n_blocks:
+        raise M2IBError(f"M2IB layer {layer} is outside the vision tower's {n_blocks} blocks (0..{n_blocks - 1}); "
+                         "pass --layer within that range")
+    return layer
 
 
 def _kl_std_normal(mu: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -106,8 +122,7 @@ def m2ib_saliency(stages: VisionStages, pixels: torch.Tensor, text_emb: torch.Te
     Returns :class:`M2IBResult`.
     """
     n_blocks = len(stages.blocks)
-    if not 0 <= cfg.layer < n_blocks - 0:
-        raise ValueError(f"M2IB layer {cfg.layer} is outside the vision tower's {n_blocks} blocks (0..{n_blocks - 1})")
+    layer = resolve_layer(cfg.layer, n_blocks)
     B = pixels.shape[0]
     K = cfg.noise_copies
     keys = list(range(B)) if keys is None else list(keys)
@@ -115,7 +130,7 @@ def m2ib_saliency(stages: VisionStages, pixels: torch.Tensor, text_emb: torch.Te
     text = F.normalize(text_emb.float(), dim=-1).expand(B, -1)
 
     with torch.no_grad():
-        x = stages.run_blocks(stages.embed(pixels), 0, cfg.layer + 1).float()  # (B, T, D)
+        x = stages.run_blocks(stages.embed(pixels), 0, layer + 1).float()  # (B, T, D)
     if cfg.feature_norm == "standardize":
         mu = x.mean(dim=1, keepdim=True)  # (B, 1, D)
         sigma = x.std(dim=1, keepdim=True).clamp_min(1e-5)
@@ -136,7 +151,7 @@ def m2ib_saliency(stages: VisionStages, pixels: torch.Tensor, text_emb: torch.Te
         z = m[:, None] + torch.sigmoid(-alpha)[:, None] * eps
         if mu is not None:
             z = z * sigma[:, None] + mu[:, None]
-        feats = stages.head(stages.run_blocks(z.flatten(0, 1), cfg.layer + 1))  # (B*K, E)
+        feats = stages.head(stages.run_blocks(z.flatten(0, 1), layer + 1))  # (B*K, E)
         fit = F.cosine_similarity(feats.float().view(B, K, -1), text[:, None], dim=-1, eps=1e-6).mean(1)  # (B,)
         kl_mean = _kl_std_normal(m, alpha).mean(dim=(1, 2))  # (B,)
         loss = (cfg.beta * kl_mean - fit).sum()  # sum: images' gradients stay independent

@@ -26,7 +26,7 @@ from ..config import atomic_write_text
 from ..data import ReadOptions, open_source
 from ..data.transforms import Fit, to_tensor
 from ..errors import DataError, MWMError, ReadError
-from .m2ib import M2IBConfig, m2ib_saliency
+from .m2ib import M2IBConfig, m2ib_saliency, resolve_layer
 
 
 class LocalizeConfig(BaseModel):
@@ -195,6 +195,7 @@ def localize(cfg: LocalizeConfig, progress=None, log=print) -> dict:
         from .sam import load_sam
 
         sam = load_sam(cfg.sam, sam_type=cfg.sam_type, device=str(device))
+    resolve_layer(cfg.m2ib.layer, len(vlm.stages.blocks))  # fail before any work on a bad --layer
     _write_meta(cfg, out, vlm, len(all_idx))
 
     # text embeddings: once per distinct prompt
@@ -334,7 +335,7 @@ def write_gallery(out: Path, cfg: LocalizeConfig) -> Path:
 <style>body{{font-family:sans-serif;margin:1.5em}} figure{{margin:0 0 1.2em 0}} img{{image-rendering:pixelated;max-width:100%}}
 figcaption{{font-size:0.9em;color:#333}}</style></head><body>
 <h1>Localization gallery</h1>
-<p>Data <code>{html.escape(str(cfg.data))}</code>, VLM <code>{html.escape(cfg.vlm)}</code>, M2IB layer {cfg.m2ib.layer}, β {cfg.m2ib.beta},
+<p>Data <code>{html.escape(str(cfg.data))}</code>, VLM <code>{html.escape(cfg.vlm)}</code>, M2IB layer {cfg.m2ib.layer if cfg.m2ib.layer is not None else 'auto'}, β {cfg.m2ib.beta},
 {cfg.m2ib.steps} steps × {cfg.m2ib.noise_copies} copies, binarize {cfg.binarize}, {cfg.components} component(s), expand {cfg.expand}.
 Each row: scan (as the VLM sees it) · M2IB saliency · binary mask · final box(es).</p>
 {''.join(rows) or '<p>No gallery images yet.</p>'}
@@ -353,7 +354,9 @@ def _write_meta(cfg: LocalizeConfig, out: Path, vlm, n: int) -> None:
             return None
 
     meta = {"config": cfg.model_dump(mode="json"), "mwm": __version__, "n_images": n,
-            "vlm": {"name": vlm.name, "image_size": list(vlm.image_size), "grid": list(vlm.stages.grid)},
+            "vlm": {"name": vlm.name, "image_size": list(vlm.image_size), "grid": list(vlm.stages.grid),
+                    "blocks": len(vlm.stages.blocks)},
+            "m2ib_layer": resolve_layer(cfg.m2ib.layer, len(vlm.stages.blocks)),
             "versions": {p: ver(p) for p in ("torch", "open_clip_torch", "timm", "transformers", "segment-anything")},
             "python": platform.python_version()}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
