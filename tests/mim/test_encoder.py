@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mwm.masking import random_keep
 from mwm.mim import (SparseEncoder, UnsupportedLayerError, classifier_keys, encoder_state_dict_for_timm,
                      masked_batch_norm, to_detectron2, upsample_keep)
-from mwm.mim.sparse import SparseBatchNorm2d, SparseLayerNorm, SparseLinear
+from mwm.mim.sparse import SparseLayerNorm, SparseLinear
 
 ARCHS = ["resnet18", "convnext_atto"]
 SIZE = 64
@@ -215,15 +215,3 @@ def test_keep_and_size_validation():
         e(torch.randn(2, 3, SIZE, SIZE), torch.ones(2, 1, 4, 4, dtype=torch.bool))
     with pytest.raises(UnsupportedLayerError, match="global pooling"):
         SparseEncoder("seresnet18")
-
-
-def test_sync_batchnorm_conversion_marks_sparse_layers():
-    pytest.importorskip("torch.distributed")
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed not built")
-    e = SparseEncoder("resnet18")
-    e.convert_sync_batchnorm(process_group="pg-sentinel")
-    bns = [m for m in e.modules() if isinstance(m, SparseBatchNorm2d)]
-    assert bns and all(m._mwm_sync_group == "pg-sentinel" for m in bns)

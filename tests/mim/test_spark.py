@@ -108,3 +108,25 @@ def test_config_registry_and_validation():
         SparKConfig(decoder_widht=3)
     with pytest.raises(ValueError, match="unknown MIM method"):
         create_mim_model({"method": "beit"})
+
+
+def test_bf16_autocast_keeps_holes_zero_and_trains():
+    torch.manual_seed(0)
+    model = create_mim_model(SparKConfig(arch="resnet18", size=SIZE, decoder_width=64))
+    x, keep = torch.randn(2, 3, SIZE, SIZE), random_keep(2, (2, 2), 0.5, gen(8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.encoder(x, keep)
+        out = model(x, keep)
+    assert all(f.dtype == torch.bfloat16 and (f * ~upsample_keep(keep, f.shape[-2:])).abs().max() == 0 for f in feats)
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+
+
+def test_convert_sync_batchnorm_keeps_sparse_layers_sparse():
+    from mwm.mim.sparse import MaskedBatchNorm2d, SparseBatchNorm2d
+
+    model = create_mim_model(SparKConfig(arch="resnet18", size=SIZE, decoder_width=64))
+    model.convert_sync_batchnorm(process_group="pg")  # no forward: no process group is needed to convert
+    assert all(m._mwm_sync_group == "pg" for m in model.encoder.modules() if isinstance(m, SparseBatchNorm2d))
+    assert all(type(m) is MaskedBatchNorm2d and m._mwm_sync_group == "pg" for m in model.decoder.densify_norms)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.decoder.blocks.modules())

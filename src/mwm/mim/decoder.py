@@ -1,4 +1,4 @@
-"""SparK's light UNet decoder with hierarchical densification (Tian et al. 2023, §3.3, Fig. 3).
+"""SparK's light UNet decoder with hierarchical densification (Tian et al., ICLR 2023, Fig. 2: "densifying").
 
 Densify (per encoder level j, top = stride 32 first): normalize the sparse features over visible positions
 (``densify_norm``: sparse BN for BN backbones, LN for ConvNeXt, as SparK), fill the holes with a learned mask
@@ -63,6 +63,16 @@ class _Identity(nn.Module):
         return x
 
 
+def _densify_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "bn":
+        return MaskedBatchNorm2d(channels)
+    if kind == "ln":
+        return _MaskedLayerNorm2d(channels)
+    if kind == "none":
+        return _Identity()
+    raise ValueError(f"densify_norm must be 'bn', 'ln' or 'none', got {kind!r}")
+
+
 class LightDecoder(nn.Module):
     """SparK decoder. ``forward(features, keep) → pred (B, out_chans, H, W)``.
 
@@ -99,8 +109,7 @@ class LightDecoder(nn.Module):
             tok = nn.Parameter(torch.zeros(1, c, 1, 1))
             trunc_normal_(tok, mean=0, std=0.02, a=-0.02, b=0.02)
             self.mask_tokens.append(tok)
-            self.densify_norms.append({"bn": lambda: MaskedBatchNorm2d(c), "ln": lambda: _MaskedLayerNorm2d(c),
-                                       "none": _Identity}[densify_norm]())
+            self.densify_norms.append(_densify_norm(densify_norm, c))
             if j == 0 and c == widths[0]:
                 proj = nn.Identity()
             else:

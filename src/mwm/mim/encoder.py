@@ -25,7 +25,7 @@ __all__ = ["SparseEncoder", "encoder_state_dict_for_timm", "to_detectron2", "cla
 
 
 class SparseEncoder(nn.Module):
-    """SparK encoder (Tian et al. 2023, §3.1–3.2): a timm CNN whose layers only "see" visible patches.
+    """SparK encoder (Tian et al., ICLR 2023, Fig. 2): a timm CNN whose layers only "see" visible patches.
 
     Args:
         arch: timm model name (resnet18/34/50/101, resnext*, convnext_* v1).
@@ -130,8 +130,7 @@ def encoder_state_dict_for_timm(encoder: nn.Module) -> dict[str, torch.Tensor]:
     else:
         kwargs = dict(enc.model_kwargs)
     sd = {k: v.detach().cpu().clone() for k, v in enc.model.state_dict().items()}
-    with torch.device("meta"):  # shapes and names only: no allocation, no init cost
-        ref = timm.create_model(enc.arch, pretrained=False, **kwargs)
+    ref = _reference_model(enc.arch, kwargs)
     drop = classifier_keys(ref)
     ref_sd = ref.state_dict()
     unknown = set(sd) - set(ref_sd)
@@ -142,6 +141,16 @@ def encoder_state_dict_for_timm(encoder: nn.Module) -> dict[str, torch.Tensor]:
         fresh = timm.create_model(enc.arch, pretrained=False, **kwargs).state_dict()
         sd.update({k: fresh[k].clone() for k in fill})
     return {k: sd[k] for k in ref_sd if k in sd and k not in drop}
+
+
+def _reference_model(arch: str, kwargs: dict) -> nn.Module:
+    """The timm model's names and shapes, built on the meta device (no allocation, no init cost) where its
+    constructor allows; some constructors read tensor values (e.g. ``drop_path_rate`` schedules), then on CPU."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(arch, pretrained=False, **kwargs)
+    except (RuntimeError, NotImplementedError):
+        return timm.create_model(arch, pretrained=False, **kwargs)
 
 
 def to_detectron2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

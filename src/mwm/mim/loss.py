@@ -1,4 +1,5 @@
-"""Reconstruction loss on masked patches with per-patch normalized targets (MAE §3 "normalized pixels", SparK §3.4).
+"""Reconstruction loss on masked patches with per-patch normalized targets (MAE §3 "Reconstruction
+target" with normalized pixels; SparK's loss on masked patches only).
 
 A patch is one cell of the keep-mask grid: ``p = H // h`` pixels square (32 for CNNs, 16 for ViT-B/16). For
 patch i with pixels x_i ∈ R^{p²C} and prediction ŷ_i,

@@ -26,8 +26,9 @@ class SparKConfig(BaseModel):
 
     ``decoder_width`` 256 (SparK: 768 for every backbone at ImageNet 224). The decoder is extra work a dense
     classification step does not do; at 256 a ResNet-18@64 / ResNet-50@128 pretraining step costs ≈1.4× /
-    ≈1.25× a dense step on CPU, at 512 a ResNet-50 step ≈1.8× (``benchmarks/bench_pretrain_step.py``).
-    Raise it for capacity when compute allows."""
+    ≈1.3× a dense step on CPU, at 512 a ResNet-50 step ≈1.6× (``benchmarks/bench_pretrain_step.py``).
+    Raise it for capacity when compute allows. ``size`` is validated against the stride; the model itself
+    accepts any input whose sides are multiples of 32."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,4 @@
-"""Sparse (masked) versions of dense CNN layers, SparK-style (Tian et al., ICLR 2023, §3.1–3.2).
+"""Sparse (masked) versions of dense CNN layers, SparK-style (Tian et al., ICLR 2023, Fig. 2).
 
 SparK treats the visible patches of a masked image as a *sparse* point cloud and emulates submanifold
 sparse convolution with dense kernels: every layer that mixes positions (conv, pooling) runs densely and
@@ -26,8 +26,8 @@ Layer swap: :func:`sparsify` changes a module's class *in place* to a subclass (
 load straight back into the dense timm model.
 
 Distributed: :class:`SparseBatchNorm2d` can all-reduce its three sums (Σx, Σx², n) across a process
-group (``sync=True`` via :meth:`SparseEncoder.convert_sync_batchnorm`), which is exactly synchronised
-BatchNorm over the visible positions of the global batch. Do **not** use
+group (set by :meth:`SparseEncoder.convert_sync_batchnorm` / ``SparK.convert_sync_batchnorm``), which is
+exactly synchronised BatchNorm over the visible positions of the global batch. Do **not** use
 ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` on a sparse encoder: it replaces the sparse layers
 with dense ones and silently normalizes over the masked holes again.
 """
@@ -243,7 +243,7 @@ class _MaskedBN(torch.autograd.Function):
     Forward: the native eval-mode kernel normalizes with the visible statistics (one fused pass), then the
     output is re-masked in place. Backward, with g the output gradient masked to visible positions,
     x̂ = (x − μ)·r, r = 1/√(σ²+ε) and sums over visible positions (BatchNorm's gradient over the n visible
-    samples, Ioffe & Szegedy 2015 §3):
+    samples, Ioffe & Szegedy 2015, Alg. 1 differentiated):
 
         ∂γ = Σ g·x̂,   ∂β = Σ g,   ∂x = γr·(g − Σg/n − x̂·Σ(g·x̂)/n)
 
@@ -288,7 +288,7 @@ def _momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
 
 class MaskedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d with an explicit mask argument: ``forward(x, keep_up)``, keep_up (B, 1, H, W) bool.
-    Used by the decoder's densify step (SparK §3.3), where features are sparse but no encoder context exists.
+    Used by the decoder's densify step (SparK Fig. 2), where features are sparse but no encoder context exists.
     ``_mwm_sync_group``: a process group to synchronise the statistics over (see ``SparK.convert_sync_batchnorm``)."""
 
     _mwm_sync_group = None
@@ -314,8 +314,8 @@ class _Sparse:
 
 
 class SparseConv2d(_Sparse, nn.Conv2d):
-    """Dense convolution, output re-masked to the visible set at the output resolution (SparK eq. 1 emulation of
-    submanifold sparse conv)."""
+    """Dense convolution, output re-masked to the visible set at the output resolution (SparK's dense
+    emulation of submanifold sparse convolution)."""
 
     def forward(self, x):
         return self._frame().remask(super().forward(x), inplace=True)
@@ -348,7 +348,7 @@ class SparseBatchNorm2d(_Sparse, nn.BatchNorm2d):
 class SparseLayerNorm2d(_Sparse):
     """Mixin over a channels-first LayerNorm class (timm ``LayerNorm2d``), applied by :func:`sparsify`.
 
-    Channels-first LayerNorm (timm ``LayerNorm2d``). LayerNorm normalizes each position over its own channels,
+    LayerNorm normalizes each position over its own channels,
     so normalizing the visible positions alone (SparK's gather) equals normalizing everything and re-masking:
     the masked positions would only hold β."""
 
@@ -357,9 +357,8 @@ class SparseLayerNorm2d(_Sparse):
 
 
 class SparseLayerNorm(_Sparse):
-    """Mixin over a channels-last LayerNorm class, applied by :func:`sparsify`.
-
-    Channels-last LayerNorm (timm ``LayerNorm`` / ``nn.LayerNorm`` inside ConvNeXt blocks on (B, H, W, C));
+    """Mixin over a channels-last LayerNorm class (timm ``LayerNorm`` / ``nn.LayerNorm`` inside ConvNeXt blocks on
+    (B, H, W, C)), applied by :func:`sparsify`;
     any other input rank (e.g. a pooled (B, C) head) passes through dense."""
 
     def forward(self, x):
