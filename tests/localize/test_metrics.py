@@ -191,3 +191,20 @@ def test_cli_localize_eval_json_and_csv(tmp_path, gt_npz):
     assert r.exit_code == 2 and "--gt" in r.output
     r = CliRunner().invoke(app, ["localize-eval", str(m), "--gt", str(tmp_path / "none.npz")])
     assert r.exit_code == 2 and "none.npz" in r.output
+
+
+def test_gt_rois_manifest_scores_perfect_recall(phantoms_npz, tmp_path):
+    """Boxes around the ground truth itself: recall 1 for every annotated, non-empty image."""
+    from typer.testing import CliRunner
+
+    from mwm.cli import app
+    from mwm.localize.manifest import read_manifest
+    from mwm.localize.metrics import evaluate_manifest
+
+    out = tmp_path / "gt.jsonl"
+    r = CliRunner().invoke(app, ["data", "gt-rois", str(phantoms_npz), str(out), "--expand", "0"])
+    assert r.exit_code == 0, r.output
+    recs = read_manifest(out)
+    assert len(recs) == 60 and {x["status"] for x in recs} == {"ok", "no_gt"}
+    res = evaluate_manifest(out, phantoms_npz)
+    assert abs(res.summary["recall"] - 1.0) < 1e-9 and res.summary["precision"] > 0.5

@@ -155,3 +155,21 @@ def phantoms(
     counts = {name: int((ph.labels == k).sum()) for k, name in enumerate(ph.label_names)}
     console.print(f"wrote {out_path}: {cfg.n} phantoms at {cfg.size}px, classes {counts} (config: {cfg_path})",
                   highlight=False)
+
+
+@app.command("gt-rois")
+@handle_errors
+def gt_rois_cmd(
+    source: Annotated[Path, typer.Argument(help="npz with masks and mask_valid.")],
+    out_path: Annotated[Path, typer.Argument(metavar="OUT.jsonl", help="ROI manifest to write.")],
+    expand: Annotated[float, typer.Option(help="Box margin ratio per side (as mwm localize).")] = 0.1,
+    box_mode: Annotated[str, typer.Option(help="union (one box) or per_component.")] = "union",
+):
+    """ROI manifest from ground-truth masks (the gt-boxes oracle; e.g. lung-field boxes for pretraining).
+
+    Example: mwm data gt-rois ../shared/data/kermany_cxr.npz lung_rois.jsonl --expand 0.05
+    """
+    from ..localize.gt_rois import write_gt_rois
+
+    meta = write_gt_rois(source, out_path, expand, box_mode)  # type: ignore[arg-type]
+    console.print(f"wrote {out_path}: {meta['n_with_roi']} of {meta['n_images']} images with an ROI", highlight=False)
