@@ -12,6 +12,7 @@ from . import vlm as vlm_cmds
 from .demo import demo
 from .localize_eval import localize_eval
 from .localize import localize
+from .pretrain import pretrain
 
 app = typer.Typer(name="mwm", help="Guided masked image modeling for medical images (Mask What Matters and friends).",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -20,6 +21,7 @@ app.add_typer(vlm_cmds.app, name="vlm")
 app.command()(localize)
 app.command()(demo)
 app.command("localize-eval")(localize_eval)
+app.command()(pretrain)
 
 
 def _version(value: bool) -> None:

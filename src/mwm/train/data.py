@@ -1,0 +1,237 @@
+"""Pretraining data: decode once, join the ROI manifest by image id, augment image + boxes together, shard per rank.
+
+* :func:`load_pretrain_data` decodes the source at the model's size with 3 channels (timm's default in_chans), picks
+  the split, and maps every ROI box from the *original* image through the resize policy (:class:`mwm.data.Fit`).
+* :class:`EpochSampler` is DistributedSampler-style: one permutation per epoch from a generator re-seeded by
+  (seed, epoch), the same on every rank; rank r takes every world-th index. It yields ``(index, aug_seed)`` pairs,
+  so the augmentation of a sample depends only on (seed, epoch, sample) — not on DataLoader workers or on
+  whether the run was resumed — which is what makes resume exact.
+* :func:`collate` pads the ragged boxes to ``(B, M, 4)`` + validity ``(B, M)`` for the masker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..errors import DataError, MWMError
+from .augment import paired_random_resized_crop
+from .config import AugmentConfig, PretrainConfig
+
+__all__ = ["PretrainData", "load_pretrain_data", "join_rois", "PretrainDataset", "EpochSampler", "collate",
+           "micro_batches_per_epoch"]
+
+
+@dataclass
+class PretrainData:
+    """Decoded pretraining images. images: uint8 (N, 3, S, S); boxes[i]: float32 (M_i, 4) normalized to the S × S
+    image (M_i = 0: no ROI); ``has_rois``: a manifest was joined (so ROI statistics are meaningful)."""
+
+    ids: list[str]
+    images: np.ndarray
+    boxes: list[np.ndarray]
+    has_rois: bool
+    split: str
+    skipped: int = 0
+    roi_stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def fingerprint(self) -> str:
+        """A short hash of the ids and the image array's shape: a resumed run checks it sees the same data."""
+        h = hashlib.sha256()
+        h.update(str(self.images.shape).encode())
+        for i in self.ids:
+            h.update(i.encode() + b"\0")
+        return h.hexdigest()[:16]
+
+
+class _Limited:
+    """A source seen through a fixed list of indices (all :func:`mwm.data.decode` asks of it)."""
+
+    def __init__(self, src, idx: list[int]):
+        self._src, self._idx = src, idx
+
+    def __getattr__(self, name):
+        return getattr(self._src, name)
+
+    def indices(self, split=None) -> list[int]:
+        return list(self._idx)
+
+
+def _pick_split(src, split: str | None) -> str:
+    present = sorted({s for s in src.splits if s})
+    if split in (None, ""):
+        return "train" if "train" in present else "all"
+    if split != "all" and split not in present:
+        raise DataError(f"{src.root}: no images in split '{split}'; the splits present are "
+                        f"{', '.join(present) if present else 'none (use --split all)'}")
+    return split
+
+
+def load_pretrain_data(cfg: PretrainConfig, progress=None) -> PretrainData:
+    """Decode ``cfg.data`` (split, limit) at ``cfg.model.size`` with 3 channels and join ``cfg.rois``.
+    ``progress(n)`` is called per decoded image."""
+    from ..data import decode, open_source
+
+    src = open_source(cfg.data, cfg.read)
+    split = _pick_split(src, cfg.split)
+    if cfg.limit is not None:
+        # decode only what is used
+        view = _Limited(src, src.indices(None if split == "all" else split)[: cfg.limit])
+        ds = decode(view, cfg.size, channels=3, policy=cfg.resize, progress=progress)  # type: ignore[arg-type]
+    else:
+        ds = decode(src, cfg.size, channels=3, policy=cfg.resize, split=None if split == "all" else split,
+                    progress=progress)
+    if len(ds) == 0:
+        raise DataError(f"{cfg.data}: no readable images in split '{split}'"
+                        + (f" ({len(src.skipped)} unreadable)" if src.skipped else ""))
+    if cfg.rois is not None:
+        boxes, stats = join_rois(ds.ids, ds.orig_sizes, cfg.rois, cfg.size, cfg.resize, cfg.allow_missing_rois,
+                                 data=cfg.data)
+    else:
+        boxes, stats = [np.zeros((0, 4), np.float32) for _ in ds.ids], {}
+    return PretrainData(ids=list(ds.ids), images=ds.images, boxes=boxes, has_rois=cfg.rois is not None, split=split,
+                        skipped=len(src.skipped), roi_stats=stats)
+
+
+def join_rois(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, policy: str,
+              allow_missing: bool = False, data=None) -> tuple[list[np.ndarray], dict]:
+    """ROI boxes per image id from a rois.jsonl, mapped from original-image coordinates to the ``size × size``
+    decoded image (``Fit.of(h, w, size, policy).box``). Records with status != "ok" or no boxes mean "no ROI".
+
+    Raises :class:`MWMError` when ids are missing from the manifest (naming the first few and the count) unless
+    ``allow_missing``, and always when no id matches at all (a manifest of other data).
+    Returns (boxes per image: float32 (M, 4), stats dict).
+    """
+    from ..data import Fit
+    from ..localize.manifest import read_manifest
+
+    recs = {r["image"]: r for r in read_manifest(manifest)}
+    missing = [i for i in ids if i not in recs]
+    where = f" for {data}" if data is not None else ""
+    if len(missing) == len(ids):
+        raise MWMError(f"{manifest}: none of the {len(ids)} image ids{where} is in the manifest (data ids look like "
+                       f"{ids[0]!r}, manifest ids like {next(iter(recs), '(empty manifest)')!r}). Run `mwm localize` "
+                       "on the same data (same file or folder, so the ids match)")
+    if missing and not allow_missing:
+        first = ", ".join(repr(m) for m in missing[:5])
+        raise MWMError(f"{manifest}: {len(missing)} of {len(ids)} images{where} have no record (first: {first}). "
+                       "Localize them too (re-running `mwm localize` on the same data resumes and adds them), or "
+                       "pass --allow-missing-rois to pretrain them without an ROI (masked uniformly at --ratio)")
+    out, n_roi, n_noroi, mismatched = [], 0, 0, 0
+    for i, sid in enumerate(ids):
+        rec = recs.get(sid)
+        h, w = (int(v) for v in orig_sizes[i])
+        if rec is None or rec.get("status") != "ok" or not rec.get("boxes"):
+            out.append(np.zeros((0, 4), np.float32))
+            n_noroi += rec is not None
+            continue
+        rw, rh = rec.get("width", 0), rec.get("height", 0)
+        if rw and rh and abs(rw / rh - w / h) > 0.01 * (w / h):
+            mismatched += 1  # normalized boxes only transfer between images of the same aspect ratio
+        fit = Fit.of(h, w, size, policy)
+        bb = np.array([fit.box(b, h, w, size) for b in rec["boxes"]], np.float32).reshape(-1, 4)
+        bb = bb[(bb[:, 2] > bb[:, 0]) & (bb[:, 3] > bb[:, 1])]  # a crop policy can cut a box off entirely
+        out.append(bb)
+        n_roi += len(bb) > 0
+        n_noroi += len(bb) == 0
+    if mismatched:
+        warnings.warn(f"{manifest}: {mismatched} records have a width/height whose aspect ratio differs from the "
+                      "image as read; boxes are normalized to the localized image, so they may be misplaced "
+                      "(localize the same files you pretrain on)", stacklevel=2)
+    return out, {"with_roi": n_roi, "without_roi": n_noroi, "missing": len(missing)}
+
+
+class PretrainDataset(Dataset):
+    """``dataset[(index, aug_seed)] → (img float32 (3, S, S) in [0, 1], boxes float32 (M, 4))``.
+
+    The augmentation generator is seeded by ``aug_seed`` (drawn by :class:`EpochSampler`), so a sample's crop
+    and flip are reproducible in any worker process."""
+
+    def __init__(self, images: np.ndarray, boxes: list[np.ndarray], augment: AugmentConfig):
+        self.images, self.boxes, self.augment = images, boxes, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        img = torch.from_numpy(self.images[i]).float().div_(255.0)
+        boxes = torch.from_numpy(self.boxes[i])
+        if self.augment.enabled and seed is not None:
+            g = torch.Generator().manual_seed(int(seed))
+            a = self.augment
+            img, boxes = paired_random_resized_crop(img, boxes, g, a.crop_scale, a.crop_ratio, a.hflip)
+        return img, boxes
+
+
+def micro_batches_per_epoch(n: int, batch_size: int, accumulate: int, world_size: int) -> int:
+    """Micro-batches each rank runs per epoch: whole optimizer steps only (the tail is dropped, different each
+    epoch because the order is reshuffled)."""
+    return (n // (batch_size * accumulate * world_size)) * accumulate
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, 0x6D776D]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class EpochSampler(Sampler):
+    """DistributedSampler-style sharding with per-sample augmentation seeds.
+
+    Every epoch: ``perm = randperm(n)`` and ``aug_seeds`` from a generator seeded by (seed, epoch) (identical on
+    every rank); the first ``per_rank × world`` positions are used and rank r takes positions r, r + world, ….
+    Yields ``(index, aug_seed)``. Its RNG state is (seed, epoch): :meth:`state_dict`; :meth:`use_epoch` picks the epoch.
+    """
+
+    def __init__(self, n: int, per_rank: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+        if per_rank * world_size > n:
+            raise ValueError(f"{per_rank} samples × {world_size} ranks > {n} images")
+        self.n, self.per_rank, self.world, self.rank, self.seed = n, per_rank, world_size, rank, seed
+        self.epoch = 0
+
+    def use_epoch(self, epoch: int) -> None:
+        """Draw this epoch's order next. Deliberately not ``set_epoch``: Fabric's DataLoader wrapper calls
+        ``sampler.set_epoch(k)`` with k = how many times *it* was iterated in this process, which restarts at 0
+        after a resume and would replay epoch 0's order."""
+        self.epoch = epoch
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+
+    def order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (indices (per_rank,), aug_seeds (per_rank,)) for the current epoch."""
+        g = self.generator()
+        perm = torch.randperm(self.n, generator=g)
+        seeds = torch.randint(0, 2 ** 62, (self.n,), generator=g)
+        pos = torch.arange(self.rank, self.per_rank * self.world, self.world)
+        return perm[pos], seeds[pos]
+
+    def __iter__(self):
+        idx, seeds = self.order()
+        return iter(zip(idx.tolist(), seeds.tolist()))
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "generator": self.generator().get_state()}
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[(img (C, S, S), boxes (M_i, 4))] → (x (B, C, S, S), boxes (B, M, 4), valid bool (B, M)), M = max(1, M_i)."""
+    x = torch.stack([it[0] for it in items])
+    m = max(1, max(len(it[1]) for it in items))
+    boxes = torch.zeros(len(items), m, 4)
+    valid = torch.zeros(len(items), m, dtype=torch.bool)
+    for i, (_, b) in enumerate(items):
+        if len(b):
+            boxes[i, : len(b)] = b
+            valid[i, : len(b)] = True
+    return x, boxes, valid
