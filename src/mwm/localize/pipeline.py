@@ -10,7 +10,6 @@ and writes ``rois.part-i-of-n.jsonl``; whichever run finds every image done merg
 from __future__ import annotations
 
 import json
-import math
 import platform
 import time
 import warnings
@@ -25,7 +24,7 @@ from .. import __version__
 from ..config import atomic_write_text
 from ..data import ReadOptions, open_source
 from ..data.transforms import Fit, to_tensor
-from ..errors import DataError, MWMError, ReadError
+from ..errors import DataError, ReadError
 from .m2ib import M2IBConfig, m2ib_saliency, resolve_layer
 
 
@@ -165,7 +164,7 @@ def _gallery_ids(ids: list[str], k: int) -> set[str]:
 
 def localize(cfg: LocalizeConfig, progress=None, log=print) -> dict:
     """Run the pipeline; returns a summary dict. ``progress(n)`` is called per image processed."""
-    from .postprocess import binarize, boxes_to_mask, expand_boxes, largest_components, mask_to_boxes
+    from .postprocess import binarize, expand_boxes, largest_components, mask_to_boxes
     from .vlm import load_vlm
 
     t0 = time.perf_counter()

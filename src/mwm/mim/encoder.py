@@ -174,3 +174,22 @@ def to_detectron2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = n.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
         out[n] = v
     return out
+
+
+class MaskedModel(nn.Module):
+    """What SparK and MAE share: an encoder, a decoder, the loss settings, and the keep-mask grid.
+
+    ``stride``: pixels per keep-mask cell; ``grid(size)`` → (h, w) for an input size (maskers use it).
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, norm_pix: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.norm_pix, self.eps = norm_pix, eps
+
+    @property
+    def stride(self) -> int:
+        return self.encoder.stride
+
+    def grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
+        return grid_for(size, self.stride)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .encoder import encoder_state_dict_for_timm, grid_for
+from .encoder import MaskedModel, encoder_state_dict_for_timm, grid_for
 from .loss import masked_mse, reconstruct, unpatchify
 
 __all__ = ["MAE", "MAEConfig", "ViTEncoder", "MAEDecoder", "create_mae", "visible_index", "sincos_pos_embed_2d"]
@@ -198,21 +198,9 @@ class MAEDecoder(nn.Module):
         return self.pred(x[:, P:])
 
 
-class MAE(nn.Module):
+class MAE(MaskedModel):
     """``forward(x (B, C, H, W), keep bool (B, 1, h, w), n_visible=None) → {"loss", "pred" (B, C, H, W)}``;
     ``pred`` in target space (per-patch normalized when ``norm_pix``); :meth:`reconstruct` maps it back."""
-
-    def __init__(self, encoder: ViTEncoder, decoder: MAEDecoder, norm_pix: bool = True, eps: float = 1e-6):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-        self.norm_pix, self.eps = norm_pix, eps
-
-    @property
-    def stride(self) -> int:
-        return self.encoder.stride
-
-    def grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
-        return grid_for(size, self.stride)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, n_visible: int | None = None) -> dict[str, torch.Tensor]:
         tokens, ids_restore = self.encoder(x, keep, n_visible)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .decoder import LightDecoder
-from .encoder import SparseEncoder, encoder_state_dict_for_timm, grid_for
+from .encoder import MaskedModel, SparseEncoder, encoder_state_dict_for_timm
 from .loss import masked_mse, reconstruct
 
 __all__ = ["SparK", "SparKConfig", "create_spark"]
@@ -53,24 +53,12 @@ class SparKConfig(BaseModel):
         return self
 
 
-class SparK(nn.Module):
+class SparK(MaskedModel):
     """``forward(x (B, C, H, W), keep bool (B, 1, h, w)) → {"loss": 0-d tensor, "pred": (B, C, H, W)}``.
 
     ``pred`` is in target space (per-patch normalized pixels when ``norm_pix``); :meth:`reconstruct` maps it back.
     ``stride`` and :meth:`grid` tell a masker the keep-mask grid.
     """
-
-    def __init__(self, encoder: SparseEncoder, decoder: LightDecoder, norm_pix: bool = True, eps: float = 1e-6):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-        self.norm_pix, self.eps = norm_pix, eps
-
-    @property
-    def stride(self) -> int:
-        return self.encoder.stride
-
-    def grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
-        return grid_for(size, self.stride)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encoder(x, keep)

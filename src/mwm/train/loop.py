@@ -224,7 +224,7 @@ def run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None = 
     first_hook = True
 
     def flush(epoch: int) -> None:
-        nonlocal acc, gn_acc, n_micro, n_steps, t_log, last_row
+        nonlocal n_micro, n_steps, t_log, last_row
         if n_micro == 0:
             return
         vec = fabric.all_reduce(torch.cat([acc / n_micro, (gn_acc / max(1, n_steps)).view(1)]), reduce_op="mean")
