@@ -131,7 +131,24 @@ def _empty(image01: Tensor) -> Refined:
                    torch.zeros(0, h, w, dtype=torch.bool, device=dev), [])
 
 
-class SegmentAnythingRefiner:
+class _BoxPromptRefiner:
+    """The shared part of both backends: check the boxes, one ``_predict`` call for all of them, then combine
+    (union, with the component as fallback where SAM returns an empty mask)."""
+
+    def _predict(self, image01: Tensor, boxes: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """image01 (C, H, W), boxes (K, 4) pixels → masks (K, H, W)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def refine(self, image01: Tensor, boxes_px: Tensor, fallback: Tensor | None = None) -> Refined:
+        h, w = image01.shape[-2:]
+        boxes = _check_boxes(boxes_px)
+        if len(boxes) == 0:
+            return _empty(image01)
+        return _combine(self._predict(image01, boxes).bool(), boxes, fallback, h, w, image01.device)
+
+
+class SegmentAnythingRefiner(_BoxPromptRefiner):
     """segment-anything's ``SamPredictor``: ``set_image`` once, then ``predict_torch`` with all K boxes."""
 
     def __init__(self, sam_model, device: str = "cpu"):
@@ -141,19 +158,15 @@ class SegmentAnythingRefiner:
         self.predictor = SamPredictor(self.model)
         self.device = device
 
-    @torch.no_grad()
-    def refine(self, image01: Tensor, boxes_px: Tensor, fallback: Tensor | None = None) -> Refined:
+    def _predict(self, image01: Tensor, boxes: Tensor) -> Tensor:
         h, w = image01.shape[-2:]
-        boxes = _check_boxes(boxes_px)
-        if len(boxes) == 0:
-            return _empty(image01)
         self.predictor.set_image(_to_uint8_hwc(image01), image_format="RGB")
         tb = self.predictor.transform.apply_boxes_torch(boxes.to(self.predictor.device), (h, w))
         masks, _, _ = self.predictor.predict_torch(None, None, boxes=tb, multimask_output=False)  # (K, 1, H, W)
-        return _combine(masks[:, 0].bool(), boxes, fallback, h, w, image01.device)
+        return masks[:, 0]
 
 
-class TransformersSamRefiner:
+class TransformersSamRefiner(_BoxPromptRefiner):
     """transformers ``SamModel`` + ``SamProcessor``: one forward pass with ``input_boxes`` of shape (1, K, 4)."""
 
     def __init__(self, model, processor, device: str = "cpu"):
@@ -161,12 +174,7 @@ class TransformersSamRefiner:
         self.processor = processor
         self.device = device
 
-    @torch.no_grad()
-    def refine(self, image01: Tensor, boxes_px: Tensor, fallback: Tensor | None = None) -> Refined:
-        h, w = image01.shape[-2:]
-        boxes = _check_boxes(boxes_px)
-        if len(boxes) == 0:
-            return _empty(image01)
+    def _predict(self, image01: Tensor, boxes: Tensor) -> Tensor:
         inputs = self.processor(images=_to_uint8_hwc(image01), input_boxes=[boxes.tolist()], return_tensors="pt",
                                 input_data_format="channels_last")
         dtype = next(self.model.parameters()).dtype
@@ -176,7 +184,7 @@ class TransformersSamRefiner:
                          multimask_output=False)
         masks = self.processor.post_process_masks(out.pred_masks.float().cpu(), inputs["original_sizes"].cpu(),
                                                   inputs["reshaped_input_sizes"].cpu())[0]  # (K, 1, H, W) bool
-        return _combine(masks[:, 0].bool(), boxes, fallback, h, w, image01.device)
+        return masks[:, 0]
 
 
 def _load_segment_anything(path: Path, sam_type: str, device: str) -> SegmentAnythingRefiner:
