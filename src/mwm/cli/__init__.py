@@ -9,6 +9,7 @@ import typer
 from .. import __version__
 from . import data as data_cmds
 from . import vlm as vlm_cmds
+from .bench import bench
 from .demo import demo
 from .localize_eval import localize_eval
 from .localize import localize
@@ -22,6 +23,7 @@ app.command()(localize)
 app.command()(demo)
 app.command("localize-eval")(localize_eval)
 app.command()(pretrain)
+app.command()(bench)
 
 
 def _version(value: bool) -> None:

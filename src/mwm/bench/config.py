@@ -1,0 +1,135 @@
+"""``BenchConfig``: one dataset, one ROI source, pretraining arms, seeds and transfer tasks (YAML).
+
+Example (configs/bench/br35h_r18_64.yaml)::
+
+    name: br35h-r18-64
+    data: ../shared/data/br35h.npz
+    arch: resnet18
+    size: 64
+    seeds: [0, 1, 2]
+    rois: {source: gt-boxes, expand: 0.1}
+    pretrain: {epochs: 10, batch_size: 64}
+    arms:
+      - {name: scratch, pretrain: false}
+      - {name: random-0.6, masking: {strategy: random, ratio: 0.6}}
+      - {name: mwm-0.8-0.2, masking: {strategy: roi, ratio_in: 0.8, ratio_out: 0.2}}
+    baseline: random-0.6
+    tasks:
+      - {kind: linear}
+      - {kind: full, options: {epochs: 10}}
+
+Every arm × seed pretrains (unless ``pretrain: false``: the no-pretraining arm, random init) with the shared
+``pretrain`` options + the arm's, then runs every task on the exported encoder with that seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["BenchConfig", "ArmConfig", "RoiSourceConfig", "TaskConfig", "TASK_KINDS"]
+
+TASK_KINDS = ("linear", "full", "segment", "detect")
+
+
+class RoiSourceConfig(BaseModel):
+    """Where guided arms get their ROIs: ``gt-boxes`` (expanded boxes around the ground-truth masks — an oracle
+    upper bound), ``manifest`` (a ``rois.jsonl`` from ``mwm localize`` at ``path``) or ``none``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["none", "gt-boxes", "manifest"] = "none"
+    path: Path | None = None
+    expand: float = Field(default=0.1, ge=0, description="gt-boxes: margin as a fraction of the box size")
+    box_mode: Literal["union", "per_component"] = "union"
+
+    @model_validator(mode="after")
+    def _path(self) -> "RoiSourceConfig":
+        if self.source == "manifest" and self.path is None:
+            raise ValueError("rois.source 'manifest' needs rois.path (the rois.jsonl `mwm localize` wrote)")
+        return self
+
+
+class ArmConfig(BaseModel):
+    """One pretraining arm: a name, the masking (``mwm.masking.MaskingConfig`` fields) and any other
+    ``PretrainConfig`` overrides; ``pretrain: false`` makes the no-pretraining (random init) arm."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    pretrain: bool = True
+    masking: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, description="more PretrainConfig overrides")
+
+    @property
+    def strategy(self) -> str | None:
+        return self.masking.get("strategy", "random") if self.pretrain else None
+
+
+class TaskConfig(BaseModel):
+    """A transfer task: ``linear`` / ``full`` (``mwm finetune``), ``segment``, ``detect``; ``options`` are fields
+    of that command's config (e.g. ``{epochs: 10, lr: 1e-3}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["linear", "full", "segment", "detect"]
+    name: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "bench"
+    data: Path
+    out: Path | None = Field(default=None, description="default: runs/bench/<name>")
+    arch: str = "resnet18"
+    size: int = Field(default=64, ge=16)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    rois: RoiSourceConfig = RoiSourceConfig()
+    pretrain: dict[str, Any] = Field(default_factory=dict, description="PretrainConfig overrides for every arm")
+    arms: list[ArmConfig] = Field(min_length=1)
+    baseline: str | None = Field(default=None, description="arm the others are compared to; default: the first "
+                                                           "arm with random masking")
+    tasks: list[TaskConfig] = Field(default_factory=lambda: [TaskConfig(kind="linear")], min_length=1)
+    device: str = Field(default="auto", description="auto, cpu, cuda")
+
+    @field_validator("arms")
+    @classmethod
+    def _unique(cls, v: list[ArmConfig]) -> list[ArmConfig]:
+        names = [a.name for a in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"arm names must be unique; repeated: {sorted(dup)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "BenchConfig":
+        from ..masking import NEEDS_ROI
+
+        guided = [a.name for a in self.arms if a.pretrain and a.strategy in NEEDS_ROI]
+        if guided and self.rois.source == "none":
+            raise ValueError(f"arms {guided} need ROIs: set rois.source to gt-boxes or manifest")
+        names = [a.name for a in self.arms]
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline '{self.baseline}' is not an arm; arms are {names}")
+        labels = [t.label for t in self.tasks]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"task names must be unique (give `name:` to repeated kinds): {labels}")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out or Path("runs") / "bench" / self.name
+
+    @property
+    def baseline_arm(self) -> str | None:
+        if self.baseline:
+            return self.baseline
+        return next((a.name for a in self.arms if a.pretrain and a.strategy == "random"), None)

@@ -1,0 +1,144 @@
+"""Bench tables: ``results.csv`` (one row per arm × seed × task) and ``results.md`` (mean ± std over seeds per
+arm and task, and the paired difference to the baseline arm with a 95 % t-interval).
+
+The difference is paired by seed (arm and baseline share the seed, hence data order and transfer
+initialisation), so its interval is ``mean(d) ± t_{0.975, n−1} · sd(d) / √n`` over the per-seed differences
+``d``; with one seed there is no interval. std is the sample standard deviation (ddof = 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import numpy as np
+
+from ..io import atomic_write_text
+from .config import ArmConfig, BenchConfig, TaskConfig
+
+__all__ = ["MAIN_METRICS", "result_row", "summarize", "write_tables", "paired_difference"]
+
+# What each task kind reports in results.md (results.csv has every scalar metric).
+MAIN_METRICS: dict[str, list[str]] = {
+    "linear": ["accuracy", "balanced_accuracy", "macro_f1", "auroc"],
+    "full": ["accuracy", "balanced_accuracy", "macro_f1", "auroc"],
+    "segment": ["dice", "iou"],
+    "detect": ["box_ap", "box_ap75", "mask_ap", "mask_ap75"],
+}
+
+
+def result_row(arm: ArmConfig, seed: int, task: TaskConfig, metrics: dict, summary: dict, ratios: dict,
+               task_seconds: float) -> dict:
+    """One flat row: arm, strategy, the arm's nominal ratios, seed, task, every scalar metric, pretraining
+    seconds / final loss and realised mask ratios."""
+    m = arm.masking
+    row = {"arm": arm.name, "strategy": arm.strategy or "none", "ratio": m.get("ratio"),
+           "ratio_in": m.get("ratio_in"), "ratio_out": m.get("ratio_out"), "seed": seed, "task": task.label,
+           "kind": task.kind}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            row[k] = v
+    row["task_seconds"] = metrics.get("seconds", task_seconds)
+    row["pretrain_seconds"] = summary.get("seconds")
+    row["pretrain_final_loss"] = summary.get("final_loss")
+    for k in ("mask_ratio", "mask_ratio_in", "mask_ratio_out"):
+        row[f"realised_{k}"] = ratios.get(k)
+    return row
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """(mean of a − b, half-width of its 95 % t-interval or None with < 2 pairs)."""
+    from scipy import stats
+
+    d = np.asarray(a, float) - np.asarray(b, float)
+    if len(d) < 2:
+        return float(d.mean()), None
+    return float(d.mean()), float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def _fmt(mean: float, sd: float | None, pct: bool) -> str:
+    s = 100.0 if pct else 1.0
+    return f"{mean * s:.1f} ± {sd * s:.1f}" if sd is not None else f"{mean * s:.1f}"
+
+
+def summarize(cfg: BenchConfig, rows: list[dict]) -> list[dict]:
+    """Per task × arm × main metric: n, mean, std, and the paired difference to the baseline (same seeds)."""
+    base = cfg.baseline_arm
+    out = []
+    for task in cfg.tasks:
+        for arm in cfg.arms:
+            for metric in MAIN_METRICS[task.kind]:
+                sel = {r["seed"]: r[metric] for r in rows
+                       if r["arm"] == arm.name and r["task"] == task.label and r.get(metric) is not None}
+                if not sel:
+                    continue
+                vals = list(sel.values())
+                rec = {"task": task.label, "arm": arm.name, "metric": metric, "n": len(vals),
+                       "mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
+                if base and arm.name != base:
+                    ref = {r["seed"]: r[metric] for r in rows if r["arm"] == base and r["task"] == task.label
+                           and r.get(metric) is not None}
+                    common = sorted(set(sel) & set(ref))
+                    if common:
+                        rec["diff"], rec["diff_ci"] = paired_difference([sel[s] for s in common],
+                                                                        [ref[s] for s in common])
+                out.append(rec)
+    return out
+
+
+def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
+    base = cfg.baseline_arm
+    lines = [f"# Bench `{cfg.name}`", "",
+             f"Data `{cfg.data}`, {cfg.arch} at {cfg.size} px, seeds {cfg.seeds}, ROIs: {cfg.rois.source}"
+             + (f" (expand {cfg.rois.expand})" if cfg.rois.source == "gt-boxes" else "")
+             + f". Metrics ×100, mean ± std over seeds; Δ = paired difference to `{base}` with its 95 % "
+               "t-interval (same seeds).", ""]
+    for task in cfg.tasks:
+        metrics = MAIN_METRICS[task.kind]
+        lines += [f"## {task.label}", "",
+                  "| arm | mask ratio (realised: all / ROI / bg) | pretrain s | n | "
+                  + " | ".join(metrics) + (f" | Δ {metrics[0]} vs {base}" if base else "") + " |",
+                  "|---|---|---|---|" + "---|" * len(metrics) + ("---|" if base else "")]
+        for arm in cfg.arms:
+            recs = {r["metric"]: r for r in summary if r["task"] == task.label and r["arm"] == arm.name}
+            if not recs:
+                continue
+            arm_rows = [r for r in rows if r["arm"] == arm.name and r["task"] == task.label]
+
+            def avg(key: str) -> float | None:
+                v = [r[key] for r in arm_rows if r.get(key) is not None]
+                return float(np.mean(v)) if v else None
+
+            ratios = [avg("realised_mask_ratio"), avg("realised_mask_ratio_in"), avg("realised_mask_ratio_out")]
+            rtxt = " / ".join("–" if v is None else f"{v:.2f}" for v in ratios) if arm.pretrain else "no pretraining"
+            secs = avg("pretrain_seconds")
+            cells = [_fmt(recs[m]["mean"], recs[m]["std"], True) if m in recs else "–" for m in metrics]
+            first = recs.get(metrics[0], {})
+            if base:
+                if "diff" in first:
+                    ci = first.get("diff_ci")
+                    cells.append(f"{first['diff'] * 100:+.1f}" + (f" ± {ci * 100:.1f}" if ci is not None else ""))
+                else:
+                    cells.append("—")
+            lines.append(f"| {arm.name} | {rtxt} | {'–' if secs is None else f'{secs:.0f}'} | "
+                         f"{recs[metrics[0]]['n'] if metrics[0] in recs else 0} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_tables(cfg: BenchConfig, rows: list[dict]) -> dict:
+    """Write OUT/results.csv and OUT/results.md; returns their paths and the summary records."""
+    out = cfg.out_dir
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    summary = summarize(cfg, rows)
+    atomic_write_text(out / "results.md", _markdown(cfg, rows, summary) + "\n")
+    return {"csv": out / "results.csv", "md": out / "results.md", "summary": summary}

@@ -1,0 +1,47 @@
+"""`mwm bench CONFIG.yaml`: pretraining arms × seeds → transfer tasks → results.csv / results.md / plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import SetOpt, console, handle_errors, out
+
+
+@handle_errors
+def bench(
+    config: Annotated[Path, typer.Argument(help="Bench YAML: data, rois, arms, seeds, tasks (see configs/bench/).")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder. [default: runs/bench/<name>]")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds, overriding the YAML's.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda for every part.")] = None,
+    tables_only: Annotated[bool, typer.Option("--tables-only", help="Only rebuild the tables and plots from "
+                                                                     "finished parts.")] = False,
+    sets: SetOpt = None,
+):
+    """Run (or resume) a benchmark protocol and write OUT/results.csv, OUT/results.md and OUT/plots/.
+
+    Finished parts (a pretraining run's summary.json, a task's metrics.json) are reused, so a killed bench
+    continues where it stopped and a new seed or arm runs only what is missing.
+
+    Example: mwm bench configs/bench/br35h_r18_64.yaml --seeds 0,1,2
+    """
+    import time
+
+    from ..bench import BenchConfig, run_bench
+    from ..config import resolve
+
+    if not config.is_file():
+        from ..errors import MWMError
+
+        raise MWMError(f"{config}: no such bench config; see configs/bench/ for examples")
+    seed_list = [int(s) for s in seeds.split(",")] if seeds else None
+    cfg = resolve(BenchConfig, config, sets, {"out": out_dir, "device": device, "seeds": seed_list})
+    t0 = time.perf_counter()
+    rows = run_bench(cfg, log=lambda msg: console.print(f"[bold]bench[/bold] {msg}", highlight=False),
+                     only_tables=tables_only)
+    md = (cfg.out_dir / "results.md").read_text()
+    out.print(md, markup=False, highlight=False)
+    console.print(f"{len(rows)} result rows in {time.perf_counter() - t0:.0f}s: {cfg.out_dir}/results.csv, "
+                  f"results.md, plots/", highlight=False)

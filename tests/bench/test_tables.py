@@ -1,0 +1,95 @@
+"""Bench config validation, tables (mean ± std, paired differences) and plots on hand-made rows."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+from scipy import stats
+
+from mwm.bench import BenchConfig, summarize, write_tables
+from mwm.bench.tables import paired_difference
+from mwm.config import ConfigError, resolve
+
+
+def _cfg(tmp_path, **kw) -> BenchConfig:
+    base = {"name": "t", "data": "x.npz", "out": tmp_path, "seeds": [0, 1, 2],
+            "rois": {"source": "gt-boxes"},
+            "arms": [{"name": "scratch", "pretrain": False},
+                     {"name": "random-0.6", "masking": {"strategy": "random", "ratio": 0.6}},
+                     {"name": "mwm", "masking": {"strategy": "roi", "ratio_in": 0.8, "ratio_out": 0.2}}],
+            "tasks": [{"kind": "linear"}]}
+    base.update(kw)
+    return BenchConfig.model_validate(base)
+
+
+def _rows():
+    acc = {"scratch": [0.60, 0.62, 0.58], "random-0.6": [0.70, 0.74, 0.72], "mwm": [0.75, 0.76, 0.80]}
+    rows = []
+    for arm, vals in acc.items():
+        for seed, v in enumerate(vals):
+            rows.append({"arm": arm, "strategy": "none" if arm == "scratch" else arm[:3], "seed": seed,
+                         "task": "linear", "kind": "linear", "accuracy": v, "balanced_accuracy": v,
+                         "macro_f1": v - 0.1, "auroc": 0.9, "pretrain_seconds": None if arm == "scratch" else 10.0,
+                         "realised_mask_ratio": None if arm == "scratch" else 0.5})
+    return rows
+
+
+def test_paired_difference_matches_t_interval():
+    a, b = [0.75, 0.76, 0.80], [0.70, 0.74, 0.72]
+    d = [x - y for x, y in zip(a, b)]
+    mean, half = paired_difference(a, b)
+    sd = math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    assert mean == pytest.approx(sum(d) / 3)
+    assert half == pytest.approx(stats.t.ppf(0.975, 2) * sd / math.sqrt(3))
+    assert paired_difference([1.0], [0.5]) == (0.5, None)
+
+
+def test_summary_mean_std_and_baseline(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert cfg.baseline_arm == "random-0.6"  # first random arm by default
+    summ = summarize(cfg, _rows())
+    rec = next(r for r in summ if r["arm"] == "mwm" and r["metric"] == "accuracy")
+    assert rec["n"] == 3
+    assert rec["mean"] == pytest.approx(0.77)
+    assert rec["std"] == pytest.approx(0.026457513, rel=1e-6)
+    assert rec["diff"] == pytest.approx(0.77 - 0.72)
+    base = next(r for r in summ if r["arm"] == "random-0.6" and r["metric"] == "accuracy")
+    assert "diff" not in base
+
+
+def test_write_tables(tmp_path):
+    cfg = _cfg(tmp_path)
+    rows = _rows()
+    res = write_tables(cfg, rows)
+    with open(res["csv"]) as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 9 and float(got[0]["accuracy"]) == 0.60
+    md = res["md"].read_text()
+    assert "| mwm |" in md and "77.0 ± 2.6" in md and "+5.0 ±" in md
+    assert "no pretraining" in md
+
+
+def test_plots(tmp_path):
+    from mwm.report.plots import bench_plots
+
+    cfg = _cfg(tmp_path)
+    paths = bench_plots(cfg, _rows(), tmp_path / "plots")
+    assert (tmp_path / "plots" / "linear_accuracy.png") in paths
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="need ROIs"):
+        _cfg(tmp_path, rois={"source": "none"})
+    with pytest.raises(ValueError, match="unique"):
+        _cfg(tmp_path, arms=[{"name": "a"}, {"name": "a"}], rois={"source": "none"})
+    with pytest.raises(ValueError, match="baseline"):
+        _cfg(tmp_path, baseline="nope")
+    with pytest.raises(ValueError, match="rois.path"):
+        _cfg(tmp_path, rois={"source": "manifest"})
+    y = tmp_path / "b.yaml"
+    y.write_text("data: x.npz\narms: [{name: r}]\ntasks: [{kind: lineer}]\n")
+    with pytest.raises(ConfigError, match="tasks"):
+        resolve(BenchConfig, y)
