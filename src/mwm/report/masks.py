@@ -1,0 +1,44 @@
+"""Mask examples: the same images masked by several strategies side by side (what each masker hides)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .overlays import draw_boxes, gray_rgb, hstack, upscale
+
+__all__ = ["mask_examples"]
+
+
+def mask_examples(images: np.ndarray, boxes: list[list[list[float]]], strategies: dict[str, dict], stride: int,
+                  seed: int = 0, min_side: int = 128) -> np.ndarray:
+    """uint8 (H, W, 3) grid: one row per image — the scan with its ROI box(es), then one panel per strategy
+    with the masked patches gray (as in the reconstruction previews).
+
+    images: uint8 (B, C, S, S); boxes: per image, normalized [x0, y0, x1, y1] lists; strategies: name →
+    :class:`~mwm.masking.MaskingConfig` fields; stride: the encoder's patch size in pixels (32 for ResNets).
+    """
+    from ..masking import MaskingConfig, create_masker
+    from ..masking.grid import boxes_tensor
+    from ..mim.sparse import upsample_keep
+    from ..train.recon import MASKED_GRAY, vstack
+
+    x = torch.from_numpy(images).float().mean(1, keepdim=True) / 255.0  # (B, 1, S, S)
+    b, s = x.shape[0], x.shape[-1]
+    grid = (s // stride, s // stride)
+    bt, valid = boxes_tensor(boxes)
+    panels = []
+    for name, fields in strategies.items():
+        cfg = MaskingConfig.model_validate(fields)
+        g = torch.Generator().manual_seed(seed)
+        keep, _ = create_masker(cfg)(b, grid, boxes=bt, valid=valid, generator=g)
+        vis = upsample_keep(keep, (grid[0] * stride, grid[1] * stride))
+        vis = torch.nn.functional.pad(vis, (0, s - vis.shape[-1], 0, s - vis.shape[-2]), value=True)
+        panels.append(torch.where(vis, x, torch.full_like(x, MASKED_GRAY))[:, 0].numpy())
+    rows = []
+    for i in range(b):
+        first = upscale(gray_rgb(x[i, 0].numpy()), min_side)
+        if boxes[i]:
+            first = draw_boxes(first, boxes[i], width=max(1, first.shape[0] // 100))
+        rows.append(hstack([first] + [upscale(gray_rgb(p[i]), min_side) for p in panels]))
+    return vstack(rows)
