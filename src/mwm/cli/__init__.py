@@ -11,9 +11,12 @@ from . import data as data_cmds
 from . import vlm as vlm_cmds
 from .bench import bench
 from .demo import demo
+from .detect import detect
+from .finetune import finetune
 from .localize_eval import localize_eval
 from .localize import localize
 from .pretrain import pretrain
+from .segment import segment
 
 app = typer.Typer(name="mwm", help="Guided masked image modeling for medical images (Mask What Matters and friends).",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -23,6 +26,9 @@ app.command()(localize)
 app.command()(demo)
 app.command("localize-eval")(localize_eval)
 app.command()(pretrain)
+app.command()(finetune)
+app.command()(segment)
+app.command()(detect)
 app.command()(bench)
 
 

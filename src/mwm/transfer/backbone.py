@@ -78,9 +78,12 @@ def resolve_weights(weights: str | Path, arch: str | None = None) -> BackboneSpe
                        "`mwm pretrain --resume`") from e
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         raise MWMError(f"{path} is a Detectron2 checkpoint; pass encoder.pth (the timm state_dict) instead")
-    norm = meta.get("normalize") or {}
-    return BackboneSpec(arch=arch, kwargs=dict(meta.get("timm_kwargs") or {}), state_dict=sd,
-                        mean=tuple(norm.get("mean", IMAGENET_MEAN)), std=tuple(norm.get("std", IMAGENET_STD)),
+    if "normalize" in meta and meta["normalize"] is None:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # pretrained on raw [0, 1] inputs: feed them the same way
+    else:
+        norm = meta.get("normalize") or {}
+        mean, std = tuple(norm.get("mean", IMAGENET_MEAN)), tuple(norm.get("std", IMAGENET_STD))
+    return BackboneSpec(arch=arch, kwargs=dict(meta.get("timm_kwargs") or {}), state_dict=sd, mean=mean, std=std,
                         source=str(path), size=meta.get("size"))
 
 
@@ -103,8 +106,15 @@ def create_backbone(spec: BackboneSpec, **timm_overrides) -> nn.Module:
             raise MWMError(f"cannot fetch timm's '{spec.arch}' weights ({type(e).__name__}: {e}); offline, pass "
                            "--weights RUN/encoder.pth or --weights none") from e
         raise MWMError(f"timm cannot build '{spec.arch}' with {kwargs}: {e}") from e
+    if spec.hub:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        spec.mean, spec.std = tuple(cfg.get("mean", spec.mean)), tuple(cfg.get("std", spec.std))
     if spec.state_dict is not None:
-        missing, unexpected = model.load_state_dict(spec.state_dict, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(spec.state_dict, strict=False)
+        except RuntimeError as e:  # tensor shape mismatches are raised even with strict=False
+            raise MWMError(f"{spec.source} does not fit timm '{spec.arch}' ({kwargs}): "
+                           f"{str(e).splitlines()[-1].strip()}; was it exported for a different --arch?") from e
         if kwargs.get("features_only"):
             # features_only models drop the pooling/classifier, so the saved head keys are the unexpected ones
             bad_missing, bad_unexpected = set(missing), {k for k in unexpected if not _is_head(k)}

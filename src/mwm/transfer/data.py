@@ -68,11 +68,10 @@ def stratified_split(labels: np.ndarray, seed: int = 0, fracs=(0.7, 0.15, 0.15))
 
 def load_labelled(data: str | Path, size: int, read: ReadOptions | None = None, resize: str = "pad",
                   need_labels: bool = True, need_masks: bool = False, seed: int = 0,
-                  train_limit: int | None = None, progress=None) -> LabelledData:
+                  progress=None) -> LabelledData:
     """Decode ``data`` at ``size`` (3 channels) with labels/masks and a train/val/test split.
 
-    train_limit: keep only the first N training images per run (label-efficiency experiments); val/test
-    stay whole. Raises :class:`DataError` naming the source when labels/masks/splits are missing.
+    Raises :class:`DataError` naming the source when labels/masks/splits are missing.
     """
     from ..data import decode, open_source
 
@@ -99,11 +98,6 @@ def load_labelled(data: str | Path, size: int, read: ReadOptions | None = None, 
         sub = stratified_split(labels[tr], seed, fracs=(0.85, 0.15, 0.0))
         split = split.copy().astype(object)
         split[tr[sub == "val"]] = "val"
-        split = split.astype(str)
-    if train_limit is not None:
-        tr = np.flatnonzero(split == "train")
-        split = split.copy().astype(object)
-        split[tr[train_limit:]] = "unused"
         split = split.astype(str)
     if need_masks and ds.masks is None:
         raise DataError(f"{data}: no masks; segmentation and detection need a 'masks' key (npz) or a mask folder")
