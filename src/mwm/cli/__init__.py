@@ -19,7 +19,8 @@ from .pretrain import pretrain
 from .segment import segment
 
 app = typer.Typer(name="mwm", help="Guided masked image modeling for medical images (Mask What Matters and friends).",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  rich_markup_mode=None)  # option help writes "[default: …]" literally; markup would eat it
 app.add_typer(data_cmds.app, name="data")
 app.add_typer(vlm_cmds.app, name="vlm")
 app.command()(localize)
