@@ -40,6 +40,7 @@ class DemoConfig(BaseModel):
     vlm_size: int = Field(default=64, ge=32, description="the CLIP's input side (phantoms are resized)")
     arch: str = "resnet18"
     pretrain_epochs: int = Field(default=3, ge=1)
+    pretrain_batch: int = Field(default=32, ge=2)
     noise_copies: int = Field(default=5, ge=1, description="M2IB noisy copies (MWM uses 10; halved for time)")
     ratio_random: float = 0.6
     ratio_in: float = 0.8
@@ -119,7 +120,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
         guided = masking["strategy"] != "random"
         pc = PretrainConfig(data=ph_path, out=out / "pretrain" / name, model={"arch": cfg.arch, "size": cfg.size},
                             masking=masking, rois=loc_dir / "rois.jsonl" if guided else None,
-                            allow_missing_rois=guided, epochs=cfg.pretrain_epochs, batch_size=32, warmup_epochs=1,
+                            allow_missing_rois=guided, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch,
+                            warmup_epochs=1,
                             lr=2e-3, recon_every=0, recon_images=4, seed=cfg.seed, accelerator="cpu",
                             log_every=2)
         with warnings.catch_warnings():
