@@ -74,7 +74,7 @@ def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, lo
     return pretrain(pc)
 
 
-def _task(cfg: BenchConfig, task: TaskConfig, weights: str, seed: int, out: Path, log: Callable) -> dict:
+def _task(cfg: BenchConfig, task: TaskConfig, arm: str, weights: str, seed: int, out: Path, log: Callable) -> dict:
     done = out / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -83,7 +83,7 @@ def _task(cfg: BenchConfig, task: TaskConfig, weights: str, seed: int, out: Path
     tc = getattr(mod, cls_name).model_validate({
         "size": cfg.size, **task.options, **extra, "data": cfg.data, "out": out, "weights": weights,
         "arch": cfg.arch, "seed": seed, **({"device": cfg.device} if cfg.device != "auto" else {})})
-    log(f"{task.label} on {weights if weights == 'none' else Path(weights).parent.parent.name} seed {seed}")
+    log(f"{task.label} on {arm} seed {seed}")
     return getattr(mod, fn_name)(tc)
 
 
@@ -136,7 +136,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
                 if only_tables and not (tdir / "metrics.json").is_file():
                     continue
                 t0 = time.perf_counter()
-                metrics = _task(cfg, task, weights, seed, tdir, log)
+                metrics = _task(cfg, task, arm.name, weights, seed, tdir, log)
                 rows.append(result_row(arm, seed, task, metrics, summary,
                                        _mask_ratios(base / "pretrain") if arm.pretrain else {},
                                        time.perf_counter() - t0))
