@@ -49,3 +49,13 @@ def read_option_values(window, window_center, window_width, axis, slice_start, s
     return {"read.window": window, "read.window_center": window_center, "read.window_width": window_width,
             "read.nifti_axis": axis, "read.slice_start": slice_start, "read.slice_stop": slice_stop,
             "read.skip_empty_slices": skip_empty, "read.labels": labels, "read.strict": strict}
+
+# Options every transfer command (finetune, segment, detect) takes.
+WeightsOpt = Annotated[Optional[str], typer.Option(help="RUN/encoder.pth (or RUN/) from `mwm pretrain`, 'none' (random "
+                                                        "init, needs --arch) or 'timm' (ImageNet, online).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="[default: 0]")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps. [default: auto]")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="32-true, bf16-mixed or 16-mixed. [default: 32-true]")]
+ResizeOpt = Annotated[Optional[str], typer.Option(help="pad, stretch or crop. [default: pad]")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")]

@@ -9,6 +9,7 @@ import typer
 
 from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
+from .common import DeviceOpt, JsonOpt, QuietOpt, ResizeOpt, SeedOpt
 
 
 class _Bar:
@@ -67,11 +68,11 @@ def detect(
     optimizer: Annotated[Optional[str], typer.Option(help="sgd or adamw. [default: sgd]")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after N val evaluations without a better box AP.")] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="Train on the first N annotated train images.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="[default: 0]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, mps. [default: auto]")] = None,
-    resize: Annotated[Optional[str], typer.Option(help="pad, stretch or crop. [default: pad]")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    resize: ResizeOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
     config: ConfigOpt = None, set_: SetOpt = None, window: Window = None, window_center: WindowCenter = None,
     window_width: WindowWidth = None, axis: Axis = None, slice_start: SliceStart = None, slice_stop: SliceStop = None,
     skip_empty: SkipEmpty = None, labels: Labels = None, strict: Strict = None,

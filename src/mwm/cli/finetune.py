@@ -9,6 +9,7 @@ import typer
 
 from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
+from .common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, ResizeOpt, SeedOpt, WeightsOpt
 
 
 class _Bar:
@@ -87,8 +88,7 @@ def _report(m: dict) -> None:
 def finetune(
     data: Annotated[Path, typer.Argument(help="Labelled images: .npz with labels (and split), an ImageFolder "
                                               "(--labels folders) or a CSV with a label column.")],
-    weights: Annotated[Optional[str], typer.Option(help="RUN/encoder.pth (or RUN/) from `mwm pretrain`, 'none' "
-                                                        "(random init, needs --arch) or 'timm' (ImageNet, online).")] = None,
+    weights: WeightsOpt = None,
     mode: Annotated[Optional[str], typer.Option(help="linear (frozen encoder, linear head on cached features) or "
                                                      "full (everything trained). [default: linear]")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder: metrics.json, config.yaml, history.csv, "
@@ -108,12 +108,12 @@ def finetune(
     patience: Annotated[Optional[int], typer.Option(help="Early stopping on val: epochs/iterations without "
                                                          "improvement (0: off). [default: full 8, linear 50]")] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="Only N training images (a seeded class-stratified subset).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="[default: 0]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps. [default: auto]")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="32-true, bf16-mixed or 16-mixed. [default: 32-true]")] = None,
-    resize: Annotated[Optional[str], typer.Option(help="pad, stretch or crop. [default: pad]")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")] = False,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    resize: ResizeOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
     config: ConfigOpt = None, set_: SetOpt = None, window: Window = None, window_center: WindowCenter = None,
     window_width: WindowWidth = None, axis: Axis = None, slice_start: SliceStart = None, slice_stop: SliceStop = None,
     skip_empty: SkipEmpty = None, labels: Labels = None, strict: Strict = None,

@@ -9,6 +9,7 @@ import typer
 
 from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
+from .common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, ResizeOpt, SeedOpt, WeightsOpt
 
 
 class _Bar:
@@ -79,8 +80,7 @@ def _report(m: dict) -> None:
 def segment(
     data: Annotated[Path, typer.Argument(help="Images with masks: .npz with 'masks' (+ 'mask_valid', 'split'), or "
                                               "a folder with a mask folder.")],
-    weights: Annotated[Optional[str], typer.Option(help="RUN/encoder.pth (or RUN/) from `mwm pretrain`, 'none' "
-                                                        "(random init, needs --arch) or 'timm' (ImageNet, online).")] = None,
+    weights: WeightsOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder: metrics.json, config.yaml, examples.png, "
                                                      "model.pt.")] = None,
     arch: Annotated[Optional[str], typer.Option(help="timm name. [default: from encoder.json]")] = None,
@@ -102,12 +102,12 @@ def segment(
     include_empty: Annotated[Optional[bool], typer.Option("--include-empty/--exclude-empty", help="Train also on "
                                                           "images whose mask is empty. [default: include]")] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="Only the first N training images with a mask.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="[default: 0]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps. [default: auto]")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="32-true, bf16-mixed or 16-mixed. [default: 32-true]")] = None,
-    resize: Annotated[Optional[str], typer.Option(help="pad, stretch or crop. [default: pad]")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")] = False,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    resize: ResizeOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
     config: ConfigOpt = None, set_: SetOpt = None, window: Window = None, window_center: WindowCenter = None,
     window_width: WindowWidth = None, axis: Axis = None, slice_start: SliceStart = None, slice_stop: SliceStop = None,
     skip_empty: SkipEmpty = None, labels: Labels = None, strict: Strict = None,
