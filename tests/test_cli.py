@@ -98,7 +98,8 @@ def test_inspect_br35h_json():
     assert {k: v["count"] for k, v in info["splits"].items()} == {"train": 2129, "val": 429, "test": 441}
 
 
-def test_demo_runs(tmp_path):
+def test_demo_rejects_bad_sizes(tmp_path):
+    # the demo itself runs in tests/test_demo.py; here: its options are validated before anything runs
     r = run("demo", "--out", tmp_path / "demo", "--n", 30, "--size", 32)
-    assert r.exit_code == 0, r.output
-    assert (tmp_path / "demo" / "phantoms.npz").is_file() and "done in" in r.output
+    assert r.exit_code == 2 and "size" in r.output
+    assert not (tmp_path / "demo").exists()
