@@ -59,3 +59,47 @@ PrecisionOpt = Annotated[Optional[str], typer.Option(help="32-true, bf16-mixed o
 ResizeOpt = Annotated[Optional[str], typer.Option(help="pad, stretch or crop. [default: pad]")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")]
+
+
+class TaskBars:
+    """Rich progress on stderr with named bars, started on the first event and stopped by :meth:`close`.
+
+    Commands subclass it and turn their run's progress events ``(kind, done, total, info)`` into :meth:`_task`
+    calls; nothing is drawn when ``enabled`` is false (``--quiet``) or when no event arrives (re-launched DDP
+    ranks)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar, self.tasks = enabled, None, {}
+
+    def _task(self, name: str, total, done: int, msg: str = "") -> None:
+        """Create bar ``name`` or move it to ``done`` of ``total`` (None: unknown) with a message."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if self.bar is None:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[msg]}"), TimeRemainingColumn(), console=console,
+                                transient=True)
+            self.bar.start()
+        if name not in self.tasks:
+            self.tasks[name] = self.bar.add_task(name, total=total, completed=done, msg=msg)
+        else:
+            self.bar.update(self.tasks[name], total=total, completed=done, msg=msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar, self.tasks = None, {}
+
+
+def run_with_bar(fn, cfg, bar: TaskBars, quiet_unreadable: bool = True):
+    """``fn(cfg, progress=bar)`` with the bar closed however it ends. ``quiet_unreadable``: hide the per-file
+    "could not be read" warnings, which decoding counts and the command reports."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            if quiet_unreadable:
+                warnings.filterwarnings("ignore", message=r".*(could not be read|cannot read).*")
+            return fn(cfg, progress=bar)
+    finally:
+        bar.close()

@@ -9,43 +9,29 @@ import typer
 
 from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
-from .common import DeviceOpt, JsonOpt, QuietOpt, ResizeOpt, SeedOpt
+from .common import DeviceOpt, JsonOpt, QuietOpt, ResizeOpt, SeedOpt, TaskBars, run_with_bar
 
 
-class _Bar:
-    """Rich progress over the training steps (stderr), plus one line per epoch."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.bar, self.task = enabled, None, None
+class _Bar(TaskBars):
+    """A bar over the training steps, plus one line per epoch."""
 
     def __call__(self, kind: str, done: int, total, info: dict) -> None:
         if not self.enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         if kind == "start":
             console.print(f"Mask R-CNN on {info['arch']} ({info['weights']}): {info['n_train']} train images with "
                           f"{info['instances']} instances, {info['n_val']} val, {info['n_test']} test; "
                           f"{info['steps_per_epoch']} steps/epoch, lr {info['lr']:g}, {info['device']}",
                           highlight=False)
-            self.bar = Progress(TextColumn("detect"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
-                                TimeRemainingColumn(), console=console, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("detect", total=total, completed=0, msg="")
+            self._task("detect", total, 0)
         elif kind == "step" and self.bar is not None:
-            self.bar.update(self.task, completed=done, msg=f"epoch {info['epoch']} loss {info['loss']:.3f} "
-                                                          f"lr {info['lr']:.2e}")
+            self._task("detect", total, done, f"epoch {info['epoch']} loss {info['loss']:.3f} lr {info['lr']:.2e}")
         elif kind == "epoch":
             val = f", val box AP {info['val_box_ap']:.3f}" if info.get("val_box_ap") is not None else ""
             console.print(f"epoch {info['epoch']}/{total}: loss {info['loss']:.4f}{val}, {info['seconds']:.1f}s",
                           highlight=False)
         elif kind == "test":
             self.close()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
 
 
 def _fmt(v) -> str:
@@ -102,11 +88,7 @@ def detect(
     if out is None and not config:
         raise MWMError("give --out DIR for the results (metrics.json, examples.png, model.pth)")
     cfg = resolve(DetectConfig, config, set_, opts)
-    bar = _Bar(enabled=not quiet)
-    try:
-        m = run(cfg, progress=bar)
-    finally:
-        bar.close()
+    m = run_with_bar(run, cfg, _Bar(enabled=not quiet), quiet_unreadable=False)
     table = Table(title=f"Mask R-CNN ({m['arch']}, {m['weights']}) on {m['n_test']} test images "
                         f"({m['test_instances']} instances)")
     table.add_column("")

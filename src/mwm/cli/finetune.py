@@ -9,31 +9,15 @@ import typer
 
 from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
-from .common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, ResizeOpt, SeedOpt, WeightsOpt
+from .common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, ResizeOpt, SeedOpt, TaskBars, WeightsOpt, run_with_bar
 
 
-class _Bar:
-    """Rich progress on stderr: one bar for feature extraction (linear), one for the epochs (L-BFGS iterations)."""
+class _Bar(TaskBars):
+    """One bar for feature extraction (linear), one for the epochs (L-BFGS iterations)."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled, self.bar, self.tasks, self.mode = enabled, None, {}, None
-
-    def _ensure(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        if self.bar is None:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[msg]}"), TimeRemainingColumn(), console=console,
-                                transient=True)
-            self.bar.start()
-        return self.bar
-
-    def _task(self, name: str, total, done: int, msg: str = "") -> None:
-        bar = self._ensure()
-        if name not in self.tasks:
-            self.tasks[name] = bar.add_task(name, total=total, completed=done, msg=msg)
-        else:
-            bar.update(self.tasks[name], total=total, completed=done, msg=msg)
+        super().__init__(enabled)
+        self.mode = None
 
     def __call__(self, kind: str, done: int, total, info: dict) -> None:
         if not self.enabled:
@@ -57,10 +41,6 @@ class _Bar:
         elif kind == "end":
             self.close()
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
 
 
 def _report(m: dict) -> None:
@@ -129,7 +109,6 @@ def finetune(
     Example: mwm finetune br35h.npz --weights none --arch resnet18 --size 64 --mode full --epochs 10 --out ft/full
     """
     import json
-    import warnings
 
     from ..config import resolve
     from ..errors import MWMError
@@ -147,13 +126,7 @@ def finetune(
         raise MWMError("give --weights RUN/encoder.pth (from `mwm pretrain`), --weights none --arch ARCH (random "
                        "init) or --weights timm --arch ARCH (ImageNet, online)")
     cfg = resolve(FinetuneConfig, config, set_, opts)
-    bar = _Bar(enabled=not quiet)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*(could not be read|cannot read).*")  # counted by decode
-            m = run(cfg, progress=bar)
-    finally:
-        bar.close()
+    m = run_with_bar(run, cfg, _Bar(enabled=not quiet))
     _report(m)
     console.print(f"{m['mode']} {m['arch']} ({m['weights']}) at {m['size']} px in {m['seconds']:.0f}s"
                   + (f", features {m['features']}" if m["features"] else "") + f"; metrics: {cfg.out / 'metrics.json'}",

@@ -9,27 +9,20 @@ import typer
 
 from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
+from .common import TaskBars, run_with_bar
 
 
-class _Bar:
-    """Rich progress on stderr, started on the first event (only rank 0 ever receives events, so re-launched
-    DDP ranks draw nothing)."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.bar, self.task = enabled, None, None
+class _Bar(TaskBars):
+    """The training steps and a line per epoch (only rank 0 ever receives events, so re-launched DDP ranks draw
+    nothing)."""
 
     def __call__(self, kind: str, done: int, total, info: dict) -> None:
         if not self.enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         if kind == "decode":
             return  # decoding is short next to training; the bar starts with the steps
         if self.bar is None and kind in ("start", "step"):
-            self.bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
-                                TimeRemainingColumn(), console=console, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("pretrain", total=total, completed=done, msg="")
+            self._task("pretrain", total, done)
         if kind == "start":
             console.print(f"{info['images']} images (split {info['split']}), {info['world_size']} rank(s), "
                           f"{info['steps_per_epoch']} steps/epoch; {info['lr_rule']}", highlight=False)
@@ -41,18 +34,13 @@ class _Bar:
             ratios = f"mask {info['mask_ratio']:.2f}"
             if info.get("mask_ratio_in") is not None:
                 ratios += f" (in {info['mask_ratio_in']:.2f} / out {info['mask_ratio_out']:.2f})"
-            self.bar.update(self.task, completed=done, msg=f"loss {info['loss']:.4f} lr {info['lr']:.2e} {ratios} "
-                                                          f"{info['images_per_s']:.0f} img/s")
+            self._task("pretrain", total, done, f"loss {info['loss']:.4f} lr {info['lr']:.2e} {ratios} "
+                                                f"{info['images_per_s']:.0f} img/s")
         elif kind == "epoch":
             console.print(f"epoch {info['epoch']}/{info['epochs']}: loss {info['loss']:.4f}, "
                           f"{info['seconds']:.1f}s", highlight=False)
         elif kind == "end":
             self.close()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
 
 
 @handle_errors
@@ -120,7 +108,6 @@ def pretrain(
     Many GPUs: --devices 4 --strategy ddp --precision bf16-mixed; many nodes: start it with torchrun and --num-nodes.
     """
     import json
-    import warnings
 
     from ..config import resolve
     from ..errors import MWMError
@@ -141,13 +128,7 @@ def pretrain(
     if out is None and not config:
         raise MWMError("give --out DIR for the run (checkpoints, metrics, encoder.pth)")
     cfg = resolve(PretrainConfig, config, set_, opts)
-    bar = _Bar(enabled=not quiet)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*(could not be read|cannot read).*")  # counted by decode
-            s = run(cfg, progress=bar)
-    finally:
-        bar.close()
+    s = run_with_bar(run, cfg, _Bar(enabled=not quiet))
     if s is None:  # a re-launched DDP rank: rank 0 reports
         return
     first = f"{s['first_loss']:.4f}" if s["first_loss"] is not None else "?"

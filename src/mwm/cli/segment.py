@@ -9,27 +9,15 @@ import typer
 
 from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
-from .common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, ResizeOpt, SeedOpt, WeightsOpt
+from .common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, ResizeOpt, SeedOpt, TaskBars, WeightsOpt, run_with_bar
 
 
-class _Bar:
-    """Rich progress on stderr: decoding, then the training steps; a line per epoch."""
+class _Bar(TaskBars):
+    """Decoding, then the training steps; a line per epoch."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled, self.bar, self.tasks, self.msg = enabled, None, {}, ""
-
-    def _task(self, name: str, total, done: int, msg: str = "") -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        if self.bar is None:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[msg]}"), TimeRemainingColumn(), console=console,
-                                transient=True)
-            self.bar.start()
-        if name not in self.tasks:
-            self.tasks[name] = self.bar.add_task(name, total=total, completed=done, msg=msg)
-        else:
-            self.bar.update(self.tasks[name], total=total, completed=done, msg=msg)
+        super().__init__(enabled)
+        self.msg = ""
 
     def __call__(self, kind: str, done: int, total, info: dict) -> None:
         if not self.enabled:
@@ -52,10 +40,6 @@ class _Bar:
         elif kind == "end":
             self.close()
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
 
 
 def _fmt(v) -> str:
@@ -123,7 +107,6 @@ def segment(
     Example: mwm segment br35h.npz --weights none --arch resnet18 --size 64 --epochs 20 --out seg/random
     """
     import json
-    import warnings
 
     from ..config import resolve
     from ..errors import MWMError
@@ -142,13 +125,7 @@ def segment(
         raise MWMError("give --weights RUN/encoder.pth (from `mwm pretrain`), --weights none --arch ARCH (random "
                        "init) or --weights timm --arch ARCH (ImageNet, online)")
     cfg = resolve(SegmentConfig, config, set_, opts)
-    bar = _Bar(enabled=not quiet)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*(could not be read|cannot read).*")  # counted by decode
-            m = run(cfg, progress=bar)
-    finally:
-        bar.close()
+    m = run_with_bar(run, cfg, _Bar(enabled=not quiet))
     _report(m)
     console.print(f"{m['arch']} ({m['weights']}) at {m['size']} px in {m['seconds']:.0f}s; metrics: "
                   f"{m['files']['metrics']}" + (f", examples: {m['files']['examples']}" if "examples" in m["files"]
