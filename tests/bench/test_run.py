@@ -83,3 +83,33 @@ def test_bench_cli_tables_only(phantoms_npz, tmp_path):
 def test_bench_config_rejects(phantoms_npz, tmp_path, bad):
     with pytest.raises(ValueError):
         BenchConfig.model_validate({**_config(phantoms_npz, tmp_path), **bad})
+
+
+def test_arm_rois_override_and_fallback(phantoms_npz, tmp_path):
+    """An arm's own ROI source gets its own manifest (gt-boxes + a localize fallback); the others share the
+    bench's; unguided arms get none."""
+    import json
+
+    from mwm.bench.runner import _arm_rois
+    from mwm.localize.gt_rois import gt_rois
+    from mwm.localize.manifest import read_manifest
+
+    loc = [{**r, "boxes": [[0.0, 0.0, 0.5, 0.5]], "status": "ok"} for r in gt_rois(phantoms_npz)]
+    fb = tmp_path / "loc.jsonl"
+    fb.write_text("".join(json.dumps(r) + "\n" for r in loc))
+    raw = _config(phantoms_npz, tmp_path / "b")
+    raw["arms"].append({"name": "mwm-loc", "masking": {"strategy": "roi", "ratio_in": 1.0, "ratio_out": 0.25},
+                        "rois": {"source": "gt-boxes", "expand": 0.0, "fallback": str(fb)}})
+    cfg = BenchConfig.model_validate(raw)
+    paths = _arm_rois(cfg)
+    assert paths["scratch"] is None and paths["random"] is None
+    assert paths["mwm"] == tmp_path / "b" / "rois.jsonl"
+    assert paths["mwm-loc"] == tmp_path / "b" / "rois-mwm-loc.jsonl"
+    shared, own = read_manifest(paths["mwm"]), read_manifest(paths["mwm-loc"])
+    assert all(r["status"] == "ok" for r in own)  # every image without a mask took the fallback box
+    assert sum(r["status"] == "ok" for r in shared) < len(own)
+    # an arm's ROI source may stand in for the bench's; a fallback needs gt-boxes
+    raw2 = {**raw, "rois": {"source": "none"}, "arms": [raw["arms"][0], raw["arms"][3]]}
+    assert BenchConfig.model_validate(raw2).arms[1].rois.fallback == fb
+    with pytest.raises(ValueError, match="fallback"):
+        BenchConfig.model_validate({**raw, "rois": {"source": "manifest", "path": str(fb), "fallback": str(fb)}})

@@ -208,3 +208,44 @@ def test_gt_rois_manifest_scores_perfect_recall(phantoms_npz, tmp_path):
     assert len(recs) == 60 and {x["status"] for x in recs} == {"ok", "no_gt"}
     res = evaluate_manifest(out, phantoms_npz)
     assert abs(res.summary["recall"] - 1.0) < 1e-9 and res.summary["precision"] > 0.5
+
+
+def test_gt_rois_fallback_fills_only_images_without_a_mask(phantoms_npz, tmp_path):
+    """--fallback: gt boxes where a mask exists, the other manifest's boxes elsewhere, order and ids kept."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mwm.cli import app
+    from mwm.errors import DataError
+    from mwm.localize.gt_rois import gt_rois, with_fallback
+    from mwm.localize.manifest import read_manifest
+
+    gt = gt_rois(phantoms_npz, expand=0.0)
+    loc = [{**r, "boxes": [[0.1, 0.2, 0.3, 0.4]], "status": "ok", "prompt": "lesion"} for r in gt]
+    loc[0]["status"], loc[0]["boxes"] = "no_roi", []  # a failed localization stays without ROI
+    fb = tmp_path / "loc.jsonl"
+    fb.write_text("".join(json.dumps(r) + "\n" for r in loc))
+    out = tmp_path / "merged.jsonl"
+    r = CliRunner().invoke(app, ["data", "gt-rois", str(phantoms_npz), str(out), "--expand", "0",
+                                 "--fallback", str(fb)])
+    assert r.exit_code == 0, r.output
+    merged = read_manifest(out)
+    assert [m["image"] for m in merged] == [g["image"] for g in gt]
+    n_fb = 0
+    for i, (g, m) in enumerate(zip(gt, merged)):
+        if g["status"] == "ok":
+            assert m == g  # ground truth wins
+        elif i == 0:
+            assert m["status"] == "no_gt"
+        else:
+            assert m["boxes"] == [[0.1, 0.2, 0.3, 0.4]] and m["source"] == "fallback"
+            n_fb += 1
+    n_gt = sum(g["status"] == "ok" for g in gt)
+    assert n_fb == len(gt) - n_gt - (gt[0]["status"] != "ok") and n_fb > 0
+    meta = json.loads((tmp_path / "merged.meta.json").read_text())
+    assert (meta["n_gt"], meta["n_fallback"], meta["n_with_roi"]) == (n_gt, n_fb, n_gt + n_fb)
+    with pytest.raises(DataError, match="image ids"):
+        with_fallback(gt, [{**loc[1], "image": "other/x.png"}])
+    with pytest.raises(DataError, match="other data"):
+        with_fallback(gt, [{**r, "width": 999} for r in loc])

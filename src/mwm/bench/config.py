@@ -44,23 +44,29 @@ class RoiSourceConfig(BaseModel):
     path: Path | None = None
     expand: float = Field(default=0.1, ge=0, description="gt-boxes: margin as a fraction of the box size")
     box_mode: Literal["union", "per_component"] = "union"
+    fallback: Path | None = Field(default=None, description="gt-boxes: a rois.jsonl from `mwm localize` whose ROIs "
+                                  "serve the images without a ground-truth mask")
 
     @model_validator(mode="after")
     def _path(self) -> "RoiSourceConfig":
         if self.source == "manifest" and self.path is None:
             raise ValueError("rois.source 'manifest' needs rois.path (the rois.jsonl `mwm localize` wrote)")
+        if self.fallback is not None and self.source != "gt-boxes":
+            raise ValueError("rois.fallback fills images without a mask and needs rois.source 'gt-boxes'")
         return self
 
 
 class ArmConfig(BaseModel):
     """One pretraining arm: a name, the masking (``mwm.masking.MaskingConfig`` fields) and any other
-    ``PretrainConfig`` overrides; ``pretrain: false`` makes the no-pretraining (random init) arm."""
+    ``PretrainConfig`` overrides; ``pretrain: false`` makes the no-pretraining (random init) arm. ``rois``
+    overrides the bench's ROI source for this arm (e.g. gt-boxes for one arm, a localize manifest for another)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     pretrain: bool = True
     masking: dict[str, Any] = Field(default_factory=dict)
+    rois: RoiSourceConfig | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="more PretrainConfig overrides")
 
     @property
@@ -113,9 +119,11 @@ class BenchConfig(BaseModel):
     def _check(self) -> "BenchConfig":
         from ..masking import NEEDS_ROI
 
-        guided = [a.name for a in self.arms if a.pretrain and a.strategy in NEEDS_ROI]
-        if guided and self.rois.source == "none":
-            raise ValueError(f"arms {guided} need ROIs: set rois.source to gt-boxes or manifest")
+        guided = [a.name for a in self.arms if a.pretrain and a.strategy in NEEDS_ROI
+                  and (a.rois or self.rois).source == "none"]
+        if guided:
+            raise ValueError(f"arms {guided} need ROIs: set rois.source (of the bench or the arm) to gt-boxes or "
+                             "manifest")
         names = [a.name for a in self.arms]
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline '{self.baseline}' is not an arm; arms are {names}")
@@ -127,6 +135,9 @@ class BenchConfig(BaseModel):
     @property
     def out_dir(self) -> Path:
         return self.out or Path("runs") / "bench" / self.name
+
+    def rois_for(self, arm: ArmConfig) -> RoiSourceConfig:
+        return arm.rois or self.rois
 
     @property
     def baseline_arm(self) -> str | None:

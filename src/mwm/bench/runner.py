@@ -4,6 +4,7 @@ Layout under ``OUT``::
 
     config.yaml                   the resolved bench config
     rois.jsonl                    gt-boxes manifest (when rois.source = gt-boxes)
+    rois-<arm>.jsonl              an arm's own gt-boxes manifest (when the arm sets rois)
     runs/<arm>/seed<k>/pretrain/  a `mwm pretrain` run folder (summary.json once finished)
     runs/<arm>/seed<k>/<task>/    a transfer run folder (metrics.json once finished)
     results.csv, results.md, plots/*.png
@@ -22,7 +23,7 @@ from typing import Callable
 
 from ..config import save_config
 from ..errors import MWMError
-from .config import ArmConfig, BenchConfig, TaskConfig
+from .config import ArmConfig, BenchConfig, RoiSourceConfig, TaskConfig
 
 __all__ = ["run_bench", "TASKS", "run_dir"]
 
@@ -39,19 +40,39 @@ def run_dir(cfg: BenchConfig, arm: str, seed: int) -> Path:
     return cfg.out_dir / "runs" / arm / f"seed{seed}"
 
 
-def _prepare_rois(cfg: BenchConfig) -> Path | None:
-    if cfg.rois.source == "none":
+def _prepare_rois(cfg: BenchConfig, rois: RoiSourceConfig, path: Path) -> Path | None:
+    """The manifest for one ROI source: ``rois.path`` as given, or gt-boxes (+ fallback) written to ``path``."""
+    if rois.source == "none":
         return None
-    if cfg.rois.source == "manifest":
-        if not Path(cfg.rois.path).is_file():
-            raise MWMError(f"rois.path {cfg.rois.path}: no such manifest; run `mwm localize` first")
-        return Path(cfg.rois.path)
+    if rois.source == "manifest":
+        if not Path(rois.path).is_file():
+            raise MWMError(f"rois.path {rois.path}: no such manifest; run `mwm localize` first")
+        return Path(rois.path)
     from ..localize.gt_rois import write_gt_rois
 
-    path = cfg.out_dir / "rois.jsonl"
+    if rois.fallback is not None and not Path(rois.fallback).is_file():
+        raise MWMError(f"rois.fallback {rois.fallback}: no such manifest; run `mwm localize` first")
     if not path.is_file():
-        write_gt_rois(cfg.data, path, expand=cfg.rois.expand, box_mode=cfg.rois.box_mode)
+        write_gt_rois(cfg.data, path, expand=rois.expand, box_mode=rois.box_mode, fallback=rois.fallback)
     return path
+
+
+def _arm_rois(cfg: BenchConfig) -> dict[str, Path | None]:
+    """Arm name → its ROI manifest (prepared once per source; only guided arms get one)."""
+    from ..masking import NEEDS_ROI
+
+    shared: Path | None | bool = False  # not prepared yet
+    out: dict[str, Path | None] = {}
+    for arm in cfg.arms:
+        if not (arm.pretrain and arm.strategy in NEEDS_ROI):
+            out[arm.name] = None
+        elif arm.rois is not None:
+            out[arm.name] = _prepare_rois(cfg, arm.rois, cfg.out_dir / f"rois-{arm.name}.jsonl")
+        else:
+            if shared is False:
+                shared = _prepare_rois(cfg, cfg.rois, cfg.out_dir / "rois.jsonl")
+            out[arm.name] = shared  # type: ignore[assignment]
+    return out
 
 
 def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, log: Callable) -> dict:
@@ -114,7 +135,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    rois = None if only_tables else _prepare_rois(cfg)
+    rois = {} if only_tables else _arm_rois(cfg)
     rows: list[dict] = []
     for seed in cfg.seeds:
         for arm in cfg.arms:
@@ -127,7 +148,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
                         continue
                     summary = json.loads((pdir / "summary.json").read_text())
                 else:
-                    summary = _pretrain(cfg, arm, seed, rois, log)
+                    summary = _pretrain(cfg, arm, seed, rois[arm.name], log)
                 weights = str(pdir / "encoder.pth")
             else:
                 weights = "none"

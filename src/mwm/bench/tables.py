@@ -87,11 +87,21 @@ def summarize(cfg: BenchConfig, rows: list[dict]) -> list[dict]:
     return out
 
 
+def describe_rois(rois) -> str:
+    """A RoiSourceConfig in words, e.g. "gt-boxes (expand 0.1) + fallback loc/rois.jsonl"."""
+    if rois.source == "manifest":
+        return f"manifest {rois.path}"
+    if rois.source == "gt-boxes":
+        return f"gt-boxes (expand {rois.expand})" + (f" + fallback {rois.fallback}" if rois.fallback else "")
+    return rois.source
+
+
 def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
     base = cfg.baseline_arm
+    own = [f"`{a.name}`: {describe_rois(a.rois)}" for a in cfg.arms if a.rois is not None]
     lines = [f"# Bench `{cfg.name}`", "",
-             f"Data `{cfg.data}`, {cfg.arch} at {cfg.size} px, seeds {cfg.seeds}, ROIs: {cfg.rois.source}"
-             + (f" (expand {cfg.rois.expand})" if cfg.rois.source == "gt-boxes" else "")
+             f"Data `{cfg.data}`, {cfg.arch} at {cfg.size} px, seeds {cfg.seeds}, ROIs: {describe_rois(cfg.rois)}"
+             + (f" (arms with their own: {'; '.join(own)})" if own else "")
              + f". Metrics ×100, mean ± std over seeds; Δ = paired difference to `{base}` with its 95 % "
                "t-interval (same seeds).", ""]
     for task in cfg.tasks:

@@ -164,6 +164,8 @@ def gt_rois_cmd(
     out_path: Annotated[Path, typer.Argument(metavar="OUT.jsonl", help="ROI manifest to write.")],
     expand: Annotated[float, typer.Option(help="Box margin ratio per side (as mwm localize).")] = 0.1,
     box_mode: Annotated[str, typer.Option(help="union (one box) or per_component.")] = "union",
+    fallback: Annotated[Optional[Path], typer.Option(
+        help="rois.jsonl from `mwm localize` on the same data: its ROIs for the images without a mask.")] = None,
 ):
     """ROI manifest from ground-truth masks (the gt-boxes oracle; e.g. lung-field boxes for pretraining).
 
@@ -171,5 +173,7 @@ def gt_rois_cmd(
     """
     from ..localize.gt_rois import write_gt_rois
 
-    meta = write_gt_rois(source, out_path, expand, box_mode)  # type: ignore[arg-type]
-    console.print(f"wrote {out_path}: {meta['n_with_roi']} of {meta['n_images']} images with an ROI", highlight=False)
+    meta = write_gt_rois(source, out_path, expand, box_mode, fallback)  # type: ignore[arg-type]
+    more = f" ({meta['n_gt']} from masks, {meta['n_fallback']} from {fallback})" if fallback else ""
+    console.print(f"wrote {out_path}: {meta['n_with_roi']} of {meta['n_images']} images with an ROI{more}",
+                  highlight=False)
