@@ -121,6 +121,19 @@ def test_encoder_weights_are_loaded_into_the_torchvision_backbone(tmp_path):
     assert losses["loss_mask"] < 0.75
 
 
+def test_head_budget_options_reach_the_model():
+    """proposals_train/test and roi_batch_size set the RPN's post-NMS counts and the RoI sampler; eval keeps at
+    most detections_per_image boxes."""
+    model = build_model(resolve_weights("none", "resnet18"), size=64, roi_batch_size=32, detections_per_image=3,
+                        proposals_train=64, proposals_test=40)
+    assert model.rpn._post_nms_top_n == {"training": 64, "testing": 40}
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 32
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 64)])
+    assert len(out[0]["boxes"]) <= 3
+
+
 def test_random_init_uses_trainable_batchnorm_and_a_wrong_encoder_is_refused(tmp_path):
     from torch import nn
 

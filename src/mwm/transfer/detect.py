@@ -15,8 +15,10 @@ The paper's Table 4 setting (Mask R-CNN, box AP / AP75 / mask AP on Br35H), scal
   of a random init would be meaningless).
 * Images stay at ``size`` (``min_size = max_size = size``: no upscaling to 800 px); anchors
   ``(8, 16, 32, 64, 128) × size / 128`` with ratios (0.5, 1, 2); inputs in [0, 1], normalized by the model with
-  the encoder's mean/std. Fewer RPN proposals than the 800 px defaults (1000→500 train, 600→300 test) and
-  ``roi_batch_size=128`` sampled RoIs per image keep the heads cheap on small images; at most
+  the encoder's mean/std. Fewer RPN proposals than the 800 px defaults (``proposals_train=500`` and
+  ``proposals_test=300`` kept after NMS, instead of 2000/1000) and ``roi_batch_size=128`` sampled RoIs per image
+  (instead of 512) keep the heads cheap on small images — at 128 px, 1/40 of an 800 px image's area, 32 / 200 /
+  100 are still generous (they halve a CPU training step); at most
   ``detections_per_image=20`` detections per image are kept (COCO scores up to 100; a lesion image holds a
   handful, and every detection costs a mask-head pass on CPU).
 * Targets: every valid mask is split into 8-connected components, one instance each (box = the component's
@@ -104,6 +106,8 @@ class DetectConfig(BaseModel):
                                          "top (0–5); default 3 for pretrained weights, 5 for weights=none")
     min_area: int = Field(default=4, ge=1, description="instances smaller than this many pixels are dropped")
     roi_batch_size: int = Field(default=128, ge=16, description="RoIs sampled per image for the box/mask heads")
+    proposals_train: int = Field(default=500, ge=16, description="RPN proposals kept after NMS per image (train)")
+    proposals_test: int = Field(default=300, ge=16, description="RPN proposals kept after NMS per image (eval)")
     detections_per_image: int = Field(default=20, ge=1, le=100, description="kept detections per image (COCO "
                                       "scores up to 100; lesions are few, and each costs a mask-head pass)")
     eval_every: int = Field(default=1, ge=1, description="epochs between val evaluations")
@@ -250,7 +254,8 @@ def resnet_backbone(spec: BackboneSpec, norm_layer=None) -> torch.nn.Module:
 
 
 def build_model(spec: BackboneSpec, size: int, num_classes: int = 2, trainable_layers: int | None = None,
-                norm: str = "auto", roi_batch_size: int = 128, detections_per_image: int = 100) -> torch.nn.Module:
+                norm: str = "auto", roi_batch_size: int = 128, detections_per_image: int = 100,
+                proposals_train: int = 500, proposals_test: int = 300) -> torch.nn.Module:
     """torchvision ``MaskRCNN`` on a ResNet-FPN built from ``spec`` for ``size``×``size`` inputs in [0, 1]."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -266,8 +271,8 @@ def build_model(spec: BackboneSpec, size: int, num_classes: int = 2, trainable_l
     anchors = AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * len(sizes))
     model = MaskRCNN(backbone, num_classes=num_classes, min_size=size, max_size=size,
                      image_mean=list(spec.mean), image_std=list(spec.std), rpn_anchor_generator=anchors,
-                     rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
-                     rpn_pre_nms_top_n_test=600, rpn_post_nms_top_n_test=300,
+                     rpn_pre_nms_top_n_train=max(1000, proposals_train), rpn_post_nms_top_n_train=proposals_train,
+                     rpn_pre_nms_top_n_test=max(600, proposals_test), rpn_post_nms_top_n_test=proposals_test,
                      box_batch_size_per_image=roi_batch_size, box_detections_per_img=detections_per_image)
     _init_predictors(model)
     return model
@@ -417,7 +422,8 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
     va_t = _targets(data.masks, va, cfg.min_area)
     te_t = _targets(data.masks, te, cfg.min_area)
     model = build_model(spec, cfg.size, trainable_layers=cfg.trainable_layers, norm=cfg.norm,
-                        roi_batch_size=cfg.roi_batch_size, detections_per_image=cfg.detections_per_image).to(device)
+                        roi_batch_size=cfg.roi_batch_size, detections_per_image=cfg.detections_per_image,
+                        proposals_train=cfg.proposals_train, proposals_test=cfg.proposals_test).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.peak_lr()
     if cfg.optimizer == "sgd":
