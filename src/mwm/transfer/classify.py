@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..data.types import ReadOptions
 from ..errors import DataError, MWMError
+from .selection import BestOnVal
 
 __all__ = ["FinetuneConfig", "finetune", "MODE_DEFAULTS", "METRIC_KEYS", "extract_features", "classification_metrics",
            "stratified_subset"]
@@ -253,10 +254,6 @@ def _val_scores(logits: torch.Tensor, target: torch.Tensor, num_classes: int) ->
     vals = torch.stack([F.cross_entropy(logits, target), (pred == target).float().mean(),
                         multiclass_f1_score(pred, target, num_classes, average="macro")]).tolist()  # one sync
     return {"loss": vals[0], "accuracy": vals[1], "macro_f1": vals[2]}
-
-
-def _better(score: tuple, best: tuple | None) -> bool:
-    return best is None or score > best
 
 
 def _score(m: dict, monitor: str) -> tuple:
@@ -516,8 +513,7 @@ def _linear(cfg: FinetuneConfig, feats: dict, k: int, fabric, emit) -> dict:
     w = _class_weight(ytr, k, cfg.class_weights, device)
     emit("start", 0, cfg.epochs, {"mode": "linear", "n_train": len(ytr), "n_val": len(y["val"]),
                                   "n_test": len(y["test"]), "epochs": cfg.epochs, "dim": xtr.shape[1]})
-    best = best_state = None
-    best_epoch = bad = 0
+    keep = BestOnVal(cfg.patience)
     history = []
     epoch = 0
     data_loss: list[torch.Tensor] = []
@@ -540,21 +536,16 @@ def _linear(cfg: FinetuneConfig, feats: dict, k: int, fabric, emit) -> dict:
         row = {"epoch": epoch, "train_loss": float(loss.detach()), "val_loss": vm["loss"],
                "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"], "lr": cfg.lr}
         history.append(row)
-        score = _score(vm, cfg.monitor)
-        if _better(score, best):
-            best, best_epoch, bad = score, epoch, 0
-            best_state = {kk: v.detach().clone() for kk, v in head.state_dict().items()}
-        else:
-            bad += 1
-        emit("epoch", epoch, cfg.epochs, {**row, "best_epoch": best_epoch})
-        if cfg.patience and bad >= cfg.patience:
+        keep.update(_score(vm, cfg.monitor), epoch, head)
+        emit("epoch", epoch, cfg.epochs, {**row, "best_epoch": keep.best_epoch})
+        if keep.should_stop:
             break
-    head.load_state_dict(best_state)
+    keep.restore(head)
     head.eval()
     with torch.no_grad():
         val = classification_metrics(head(x["val"]), y["val"], k)
         test = classification_metrics(head(x["test"]), y["test"], k)
-    return {"val": val, "test": test, "best_epoch": best_epoch, "epochs_run": epoch, "history": history,
+    return {"val": val, "test": test, "best_epoch": keep.best_epoch, "epochs_run": epoch, "history": history,
             "head": head.cpu(), "feat_mean": mu.cpu(), "feat_std": sd.cpu()}
 
 
@@ -606,8 +597,7 @@ def _full(cfg: FinetuneConfig, raw, data: dict[str, _Split], k: int, fabric, mea
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     emit("start", 0, cfg.epochs, {"mode": "full", "n_train": n, "n_val": len(y_val), "n_test": len(data["test"].y),
                                   "epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch})
-    best = best_state = None
-    best_epoch = bad = 0
+    keep = BestOnVal(cfg.patience)
     history = []
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -636,17 +626,12 @@ def _full(cfg: FinetuneConfig, raw, data: dict[str, _Split], k: int, fabric, mea
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": vm["loss"], "val_accuracy": vm["accuracy"],
                "val_macro_f1": vm["macro_f1"], "lr": lr_used}
         history.append(row)
-        score = _score(vm, cfg.monitor)
-        if _better(score, best):
-            best, best_epoch, bad = score, epoch, 0
-            best_state = {kk: v.detach().clone() for kk, v in raw.state_dict().items()}
-        else:
-            bad += 1
-        emit("epoch", epoch, cfg.epochs, {**row, "best_epoch": best_epoch})
-        if cfg.patience and bad >= cfg.patience:
+        keep.update(_score(vm, cfg.monitor), epoch, raw)
+        emit("epoch", epoch, cfg.epochs, {**row, "best_epoch": keep.best_epoch})
+        if keep.should_stop:
             break
-    raw.load_state_dict(best_state)
+    keep.restore(raw)
     val = classification_metrics(_predict(model, data["val"], fabric, mean, std, cfg.batch_size), y_val, k)
     test = classification_metrics(_predict(model, data["test"], fabric, mean, std, cfg.batch_size),
                                   data["test"].y.to(device), k)
-    return {"val": val, "test": test, "best_epoch": best_epoch, "epochs_run": epoch, "history": history}
+    return {"val": val, "test": test, "best_epoch": keep.best_epoch, "epochs_run": epoch, "history": history}

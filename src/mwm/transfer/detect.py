@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..data.types import ReadOptions
 from ..errors import DataError, MWMError
 from .backbone import BackboneSpec, resolve_weights
+from .selection import BestOnVal
 
 __all__ = ["DetectConfig", "detect", "mask_to_instances", "resnet_backbone", "build_model", "detection_metrics",
            "SUPPORTED_ARCHS", "METRIC_KEYS"]
@@ -438,7 +439,7 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
                             "steps_per_epoch": steps_per_epoch, "lr": lr, "device": str(device), "arch": spec.arch,
                             "weights": spec.source})
 
-    best, best_epoch, best_state, bad, history, step, diverged = -1.0, 0, None, 0, [], 0, None
+    keep, history, step, diverged = BestOnVal(cfg.patience, device="cpu"), [], 0, None
     epoch_seconds = []
     for epoch in range(1, cfg.epochs + 1):
         te0 = time.perf_counter()
@@ -470,9 +471,10 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
                 if not math.isfinite(lv):
                     msg = (f"the loss became {lv} at step {step} (epoch {epoch}); lower --lr (now {lr:g}) or "
                            "--set clip_grad=5")
-                    if best_state is None:
+                    if keep.state is None:
                         raise MWMError(msg)
-                    warnings.warn(f"{msg}; stopping and keeping the best epoch so far ({best_epoch})", stacklevel=2)
+                    warnings.warn(f"{msg}; stopping and keeping the best epoch so far ({keep.best_epoch})",
+                                  stacklevel=2)
                     diverged = step
                     break
                 say("step", step, total, {"loss": lv, "lr": opt.param_groups[0]["lr"], "epoch": epoch,
@@ -486,23 +488,16 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
         if len(va) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             vm = detection_metrics(_predict(model, data.images, va, cfg.batch_size, device), va_t)
             row.update({f"val_{k}": v for k, v in vm.items()})
-            score = vm["box_ap"] if vm["box_ap"] is not None else -1.0
-            if score > best or best_state is None:
-                best, best_epoch, bad = score, epoch, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            else:
-                bad += 1
-                stop = cfg.patience is not None and bad >= cfg.patience
+            keep.update(vm["box_ap"] if vm["box_ap"] is not None else -1.0, epoch, model)
+            stop = keep.should_stop
         row["seconds"] = time.perf_counter() - te0
         history.append(row)
         say("epoch", epoch, cfg.epochs, row)
         if stop:
             break
     epochs_done = epoch - 1 if diverged else epoch
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:  # no val images with masks: the last epoch is the model
-        best_epoch = epochs_done
+    # no val images with masks: nothing was selected and the last epoch is the model
+    best_epoch = keep.best_epoch if keep.restore(model) else epochs_done
 
     preds = _predict(model, data.images, te, cfg.batch_size, device)
     metrics = detection_metrics(preds, te_t)
@@ -517,7 +512,7 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     summary = {**metrics, "n_train": len(tr), "n_val": len(va), "n_test": len(te),
                "test_instances": sum(len(t["boxes"]) for t in te_t), "train_instances": n_inst,
-               "best_epoch": best_epoch, "best_val_box_ap": best if best_state is not None and len(va) else None,
+               "best_epoch": best_epoch, "best_val_box_ap": keep.best if keep.state is not None and len(va) else None,
                "epochs_done": epochs_done, "diverged_at_step": diverged,
                "seconds_per_epoch": float(np.mean(epoch_seconds)),
                "seconds": time.perf_counter() - t0, "arch": spec.arch, "weights": spec.source,

@@ -47,6 +47,7 @@ from ..data.types import ReadOptions
 from ..errors import DataError, MWMError
 from ..train.config import AugmentConfig
 from .backbone import BackboneSpec, create_backbone, resolve_weights
+from .selection import BestOnVal
 
 __all__ = ["SegmentConfig", "segment", "UNetDecoder", "SegmentationModel", "build_model", "load_segmenter",
            "segmentation_loss", "overlap_counts", "summarize", "paired_augment", "EMPTY_RULE"]
@@ -448,7 +449,7 @@ def segment(cfg: SegmentConfig, progress=None) -> dict:
     t_train = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     history: list[dict] = []
-    best_dice, best_epoch, best_state, bad, step = -1.0, 0, None, 0, 0
+    keep, step = BestOnVal(cfg.patience, device="cpu"), 0
     for epoch in range(cfg.epochs):
         te0 = time.perf_counter()
         model.train()
@@ -468,20 +469,15 @@ def segment(cfg: SegmentConfig, progress=None) -> dict:
             emit("step", step, total_steps, {"epoch": epoch + 1})
         val_dice = float(mean_dice(counts(va)))  # the epoch's one read-back, with the loss below
         ep_loss = float(loss_sum) / steps_per_epoch
-        improved = val_dice > best_dice
-        if improved:
-            best_dice, best_epoch, bad = val_dice, epoch + 1, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-        else:
-            bad += 1
+        keep.update(val_dice, epoch + 1, net)
         row = {"epoch": epoch + 1, "loss": ep_loss, "val_dice": val_dice}
         history.append(row)
-        emit("epoch", epoch + 1, cfg.epochs, {**row, "epochs": cfg.epochs, "best_epoch": best_epoch,
-                                              "best_val_dice": best_dice, "seconds": time.perf_counter() - te0})
-        if cfg.patience and bad >= cfg.patience:
+        emit("epoch", epoch + 1, cfg.epochs, {**row, "epochs": cfg.epochs, "best_epoch": keep.best_epoch,
+                                              "best_val_dice": keep.best, "seconds": time.perf_counter() - te0})
+        if keep.should_stop:
             break
     train_seconds = time.perf_counter() - t_train
-    net.load_state_dict(best_state)
+    keep.restore(net)
 
     # -- evaluation and outputs --------------------------------------------------------------------------------
     test = summarize(counts(te))
@@ -490,7 +486,7 @@ def segment(cfg: SegmentConfig, progress=None) -> dict:
         "dice": test["dice"], "iou": test["iou"], "dice_pooled": test["dice_pooled"],
         "iou_pooled": test["iou_pooled"], "dice_fg": test["dice_fg"], "n_test": test["n"],
         "n_test_empty": test["n_empty"], "n_train": int(len(tr)), "n_val": int(len(va)),
-        "best_epoch": best_epoch, "epochs_done": len(history), "val_dice": best_dice, "train_dice": train_dice,
+        "best_epoch": keep.best_epoch, "epochs_done": len(history), "val_dice": keep.best, "train_dice": train_dice,
         "arch": spec.arch, "weights": spec.source, "size": size, "encoder_lr_scale": enc_scale,
         "freeze_encoder": cfg.freeze_encoder, "threshold": cfg.threshold, "empty_rule": EMPTY_RULE,
         "train_seconds": train_seconds, "seconds": time.perf_counter() - t0, "history": history,
