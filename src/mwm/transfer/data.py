@@ -9,11 +9,12 @@ so a fresh random split would leak. Sources without one get a stratified, seeded
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from ..data.arrays import ArrayDataset
 from ..data.types import ReadOptions
 from ..errors import DataError
 
@@ -23,21 +24,12 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass
-class LabelledData:
-    """images: uint8 (N, 3, S, S); labels: int64 (N,) (-1: none); split: str (N,) in train/val/test;
-    masks: uint8 (N, S, S) or None, mask_valid: bool (N,) or None."""
+class LabelledData(ArrayDataset):
+    """An :class:`~mwm.data.arrays.ArrayDataset` decoded for transfer: images uint8 (N, 3, S, S); labels int64
+    (N,) (-1: none); split str (N,), always train/val/test; masks uint8 (N, S, S) or None with mask_valid bool
+    (N,); source: where it was read from, for messages."""
 
-    ids: list[str]
-    images: np.ndarray
-    labels: np.ndarray
-    label_names: list[str]
-    split: np.ndarray
-    masks: np.ndarray | None = None
-    mask_valid: np.ndarray | None = None
     source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     @property
     def num_classes(self) -> int:
@@ -101,5 +93,6 @@ def load_labelled(data: str | Path, size: int, read: ReadOptions | None = None, 
         split = split.astype(str)
     if need_masks and ds.masks is None:
         raise DataError(f"{data}: no masks; segmentation and detection need a 'masks' key (npz) or a mask folder")
-    return LabelledData(ids=list(ds.ids), images=ds.images, labels=labels, label_names=list(ds.label_names),
-                        split=split, masks=ds.masks, mask_valid=ds.mask_valid, source=str(data))
+    return LabelledData(**{f.name: getattr(ds, f.name) for f in fields(ds)} | {
+        "ids": list(ds.ids), "labels": labels, "label_names": list(ds.label_names), "split": split,
+        "source": str(data)})
