@@ -245,3 +245,39 @@ def test_vlm_train_template_captions(phantoms_npz, tmp_path):
     r = run("vlm", "export", out, tmp_path / "copy")  # a folder re-exported (checks it loads before saying so)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "copy" / WEIGHTS_FILE).is_file() and not (tmp_path / "copy" / "checkpoints").exists()
+
+
+def test_clip_loss_already_treats_repeated_captions_as_positives():
+    # Identical captions give identical text embeddings, so ClipLoss's diagonal targets equal a multi-positive
+    # loss (target uniform over same-caption items, UniCL Eq. 3) in value and in the gradients the encoders get
+    # (images; text summed over each distinct caption). The docstring of vlm_train relies on this.
+    from open_clip import ClipLoss
+
+    g = torch.Generator().manual_seed(0)
+    cap = torch.randint(0, 4, (24,), generator=g)
+    txt_u = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1).requires_grad_(True)
+    img = torch.nn.functional.normalize(torch.randn(24, 8, generator=g), dim=-1).requires_grad_(True)
+    scale = torch.tensor(20.0)
+
+    def multi_positive(i, t):
+        logits = scale * i @ t.T
+        same = (cap[:, None] == cap[None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        return -0.5 * ((target * logits.log_softmax(1)).sum(1).mean() + (target * logits.T.log_softmax(1)).sum(1).mean())
+
+    a, b = ClipLoss()(img, txt_u[cap], scale), multi_positive(img, txt_u[cap])
+    assert torch.allclose(a, b, atol=1e-5)
+    for ga, gb in zip(torch.autograd.grad(a, [img, txt_u]), torch.autograd.grad(b, [img, txt_u])):
+        assert torch.allclose(ga, gb, atol=1e-5)
+
+
+def test_vlm_train_avg_pool(phantoms_npz, tmp_path):
+    out = tmp_path / "avg"
+    r = run("vlm", "train", phantoms_npz, "--out", out, "--epochs", 1, "--batch-size", 16, "--size", 32,
+            "--device", "cpu", "--quiet", *SMALL, "--set", "model.pool_type=avg")
+    assert r.exit_code == 0, r.output
+    v = load_vlm(out)
+    assert v.model.visual.pool_type == "avg"
+    st, x = v.stages, v.preprocess(torch.rand(2, 1, 32, 32))
+    with torch.no_grad():  # the M2IB stages pool as the model does
+        assert torch.equal(st.head(st.run_blocks(st.embed(x), 0)), v.model.encode_image(x))

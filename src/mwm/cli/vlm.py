@@ -44,7 +44,7 @@ def train(
 ):
     """Train a CLIP-style VLM on image–caption pairs and export it as a VLM folder (loadable offline).
 
-    Sizes of the --init tiny model: --set model.KEY=VALUE, KEY one of patch_size, width, layers, heads, text_width, text_heads, text_layers, context_length, embed_dim.
+    Sizes of the --init tiny model: --set model.KEY=VALUE, KEY one of patch_size, width, layers, heads, text_width, text_heads, text_layers, context_length, embed_dim; model.pool_type=avg pools the image tokens by their mean instead of the CLS token.
 
     Example: mwm vlm train phantoms.npz --out tinyclip
     """

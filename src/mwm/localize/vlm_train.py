@@ -7,11 +7,15 @@ adapt one (``init`` = a VLM folder, ``hf-hub:…`` or an open_clip name). Images
 or a template over class names. The ``train`` split is used when the data has splits (else all).
 
 Training: open_clip's ``ClipLoss``, AdamW (no decay on gains, biases, logit scale), linear warmup then
-cosine, random resized crops (no flips: captions name left and right). Every epoch: retrieval on up to
-``eval_size`` held-out images (``test`` split, else ``val``, else training images), a row in
-``OUT/train_log.csv`` and a checkpoint ``OUT/checkpoints/last.pt`` (atomic; ``resume=True`` continues
-from it). At the end the model is exported to ``OUT`` as a VLM folder that :func:`~mwm.localize.vlm.load_vlm`
-loads offline. Shuffling and augmentation draw from a generator seeded by (seed, epoch), so a resumed
+cosine, random resized crops (no flips: captions name left and right). Captions often repeat within a
+batch ("a head scan with no lesion", class templates). ClipLoss needs no multi-positive variant for
+that: identical captions get identical text embeddings, so its diagonal targets give the same loss and
+the same gradients to both encoders as targets spread uniformly over the same-caption items (UniCL,
+Yang et al., CVPR 2022, Eq. 3); tested in ``test_clip_loss_already_treats_repeated_captions_as_positives``.
+Every epoch: retrieval on up to ``eval_size`` held-out images (``test`` split, else ``val``, else
+training images), a row in ``OUT/train_log.csv`` and a checkpoint ``OUT/checkpoints/last.pt`` (atomic;
+``resume=True`` continues from it). At the end the model is exported to ``OUT`` as a VLM folder that
+:func:`~mwm.localize.vlm.load_vlm` loads offline. Shuffling and augmentation draw from a generator seeded by (seed, epoch), so a resumed
 run sees the same batches as an uninterrupted one.
 
 Retrieval metrics count a hit when the retrieved item carries the *same caption* (several images can
@@ -32,7 +36,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -69,6 +73,10 @@ class TinyClipConfig(BaseModel):
     # 40, not 32: the longest phantom caption (two lesions) is 37 BPE tokens with <sot>/<eot>.
     context_length: int = Field(default=40, ge=4)
     embed_dim: int = Field(default=128, ge=2)
+    # How the image tower pools its tokens into the image embedding (open_clip's ``pool_type``). "tok": the CLS
+    # token, as in CLIP. "avg": the mean of the patch tokens (no CLS read-out), so every patch token's own final
+    # state enters the embedding; meant for saliency methods such as M2IB that score patch tokens.
+    pool_type: Literal["tok", "avg"] = "tok"
 
     @model_validator(mode="after")
     def _check(self) -> "TinyClipConfig":
@@ -83,7 +91,8 @@ class TinyClipConfig(BaseModel):
         return {
             "embed_dim": self.embed_dim,
             "vision_cfg": {"image_size": image_size, "patch_size": self.patch_size, "width": self.width,
-                           "layers": self.layers, "head_width": self.width // self.heads},
+                           "layers": self.layers, "head_width": self.width // self.heads,
+                           "pool_type": self.pool_type},
             "text_cfg": {"context_length": self.context_length, "vocab_size": 49408, "width": self.text_width,
                          "heads": self.text_heads, "layers": self.text_layers},
         }
