@@ -93,3 +93,22 @@ def test_config_errors(tmp_path):
     y.write_text("data: x.npz\narms: [{name: r}]\ntasks: [{kind: lineer}]\n")
     with pytest.raises(ConfigError, match="tasks"):
         resolve(BenchConfig, y)
+
+
+def test_sweep_lines_need_two_ratios_and_one_roi_source(tmp_path, monkeypatch):
+    """Random arms at two realised ratios make a line; two ROI arms at one ratio with different ROI sources
+    (gt-boxes vs a localize manifest) do not."""
+    import mwm.report.plots as P
+
+    cfg = _cfg(tmp_path, arms=[
+        {"name": "r25", "masking": {"strategy": "random", "ratio": 0.25}},
+        {"name": "r50", "masking": {"strategy": "random", "ratio": 0.5}},
+        {"name": "gt", "masking": {"strategy": "roi"}},
+        {"name": "loc", "masking": {"strategy": "roi"}, "rois": {"source": "manifest", "path": "loc.jsonl"}}])
+    ratio = {"r25": 0.25, "r50": 0.5, "gt": 0.52, "loc": 0.55}
+    rows = [{"arm": a, "seed": s, "task": "linear", "kind": "linear", "accuracy": 0.7 + 0.01 * s,
+             "realised_mask_ratio": r} for a, r in ratio.items() for s in range(3)]
+    seen = {}
+    monkeypatch.setattr(P, "ratio_sweep", lambda pts, path, *a: seen.update(pts) or path)
+    P.bench_plots(cfg, rows, tmp_path / "plots")
+    assert set(seen) == {"random"} and [p[0] for p in seen["random"]] == [0.25, 0.5]

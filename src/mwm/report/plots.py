@@ -90,10 +90,10 @@ def ratio_sweep(points: dict[str, list[tuple[float, float, float | None]]], path
 
 
 def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
-    """Per task: bars of the first main metric per arm; a mask-ratio sweep when ≥ 2 arms of one strategy
-    differ in realised ratio; loss curves of every arm's first seed."""
+    """Per task: bars of the first main metric per arm; a mask-ratio sweep when ≥ 2 arms of one strategy (and
+    one ROI source) differ in realised ratio; loss curves of every arm's first seed."""
     from ..bench.runner import run_dir
-    from ..bench.tables import MAIN_METRICS, summarize
+    from ..bench.tables import MAIN_METRICS, describe_rois, summarize
 
     out = Path(out)
     paths: list[Path] = []
@@ -110,12 +110,14 @@ def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
                    and r.get("realised_mask_ratio") is not None]
             if sel:
                 vals = [r[metric] for r in sel]
-                pts.setdefault(arm.strategy, []).append(
+                line = arm.strategy if arm.rois is None else f"{arm.strategy}, {describe_rois(arm.rois)}"
+                pts.setdefault(line, []).append(
                     (float(np.mean([r["realised_mask_ratio"] for r in sel])), float(np.mean(vals)),
                      float(np.std(vals, ddof=1)) if len(vals) > 1 else None))
-        if any(len(v) >= 2 for v in pts.values()):
-            paths.append(ratio_sweep({k: v for k, v in pts.items() if len(v) >= 2}, out / f"{task.label}_sweep.png",
-                                     metric, f"{cfg.name}: {task.label} vs mask ratio"))
+        pts = {k: v for k, v in pts.items() if len({round(p[0], 2) for p in v}) >= 2}  # a line needs 2 ratios
+        if pts:
+            paths.append(ratio_sweep(pts, out / f"{task.label}_sweep.png", metric,
+                                     f"{cfg.name}: {task.label} vs mask ratio"))
     curves = {a.name: run_dir(cfg, a.name, cfg.seeds[0]) / "pretrain" / "metrics.csv" for a in cfg.arms if a.pretrain}
     p = loss_curves(curves, out / "pretrain_loss.png", f"{cfg.name}: pretraining loss (seed {cfg.seeds[0]})")
     if p is not None:
