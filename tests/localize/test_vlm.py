@@ -216,6 +216,9 @@ def test_vlm_train_cli_resume_and_load(phantoms_npz, tmp_path):
     assert r.exit_code == 2 and "--resume" in r.output  # never silently overwrite a run
     r = run("vlm", "train", *common, "--epochs", 2, "--lr", 0.01, "--resume")
     assert r.exit_code == 2 and "lr" in r.output
+    ck = torch.load(out / "checkpoints/last.pt", weights_only=True)  # a checkpoint from before model.pool_type
+    del ck["config"]["model"]["pool_type"]
+    torch.save(ck, out / "checkpoints/last.pt")
     r = run("vlm", "train", *common, "--epochs", 2, "--resume", "--json")
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)

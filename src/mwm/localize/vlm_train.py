@@ -403,6 +403,15 @@ def _config_diff(saved: dict, now: dict, ignore=("epochs", "device", "out")) -> 
             if k not in ignore and saved.get(k) != now.get(k)]
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A checkpoint's config with options added since it was written filled in with their defaults
+    (e.g. ``model.pool_type``), so such a checkpoint still resumes; the raw dict if it no longer validates."""
+    try:
+        return VLMTrainConfig.model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        return saved
+
+
 def _write_log(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=_LOG_COLUMNS, extrasaction="ignore")
@@ -451,7 +460,7 @@ def train_vlm(cfg: VLMTrainConfig, resume: bool = False, progress: bool = True,
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if not isinstance(ck, dict) or ck.get("format") != _CKPT_FORMAT:
             raise VLMTrainError(f"{ckpt_path} is not a `mwm vlm train` checkpoint")
-        diff = _config_diff(ck["config"], cfg.model_dump(mode="json"))
+        diff = _config_diff(_with_defaults(ck["config"]), cfg.model_dump(mode="json"))
         if diff:
             raise VLMTrainError(f"{ckpt_path} was trained with other options ({'; '.join(diff)}); resume with the "
                                 "same options (only --epochs and --device may change) or use another --out")
