@@ -79,7 +79,22 @@ def test_bench_cli_tables_only(phantoms_npz, tmp_path):
     assert r.exit_code == 2 and "no such bench config" in r.output
 
 
-@pytest.mark.parametrize("bad", [{"rois": {"source": "none"}}, {"baseline": "x"}])
+def test_task_arms_filter(phantoms_npz, tmp_path):
+    """A task limited to some arms runs only on those; the others' rows lack it."""
+    raw = _config(phantoms_npz, tmp_path / "f")
+    raw["seeds"] = [0]
+    raw["arms"] = raw["arms"][:2]  # scratch, random
+    raw["tasks"] = [{"kind": "linear", "options": {"epochs": 3}},
+                    {"kind": "linear", "name": "probe2", "arms": ["scratch"], "options": {"epochs": 3}}]
+    rows = run_bench(BenchConfig.model_validate(raw), log=lambda s: None)
+    assert sorted((r["arm"], r["task"]) for r in rows) == [("random", "linear"), ("scratch", "linear"),
+                                                            ("scratch", "probe2")]
+    assert not (tmp_path / "f" / "runs" / "random" / "seed0" / "probe2").exists()
+    assert "## probe2" in (tmp_path / "f" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [{"rois": {"source": "none"}}, {"baseline": "x"},
+                                 {"tasks": [{"kind": "linear", "arms": ["nope"]}]}])
 def test_bench_config_rejects(phantoms_npz, tmp_path, bad):
     with pytest.raises(ValueError):
         BenchConfig.model_validate({**_config(phantoms_npz, tmp_path), **bad})

@@ -83,6 +83,11 @@ class TaskConfig(BaseModel):
     kind: Literal["linear", "full", "segment", "detect"]
     name: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    arms: list[str] | None = Field(default=None, description="run this task on these arms only (default: all), "
+                                   "e.g. an expensive detection task on the main arms of a sweep")
+
+    def runs_on(self, arm: str) -> bool:
+        return self.arms is None or arm in self.arms
 
     @property
     def label(self) -> str:
@@ -127,6 +132,9 @@ class BenchConfig(BaseModel):
         names = [a.name for a in self.arms]
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline '{self.baseline}' is not an arm; arms are {names}")
+        unknown = sorted({a for t in self.tasks for a in (t.arms or []) if a not in names})
+        if unknown:
+            raise ValueError(f"tasks name arms that do not exist: {unknown}; arms are {names}")
         labels = [t.label for t in self.tasks]
         if len(set(labels)) != len(labels):
             raise ValueError(f"task names must be unique (give `name:` to repeated kinds): {labels}")

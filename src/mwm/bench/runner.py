@@ -154,7 +154,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
                 weights = "none"
             for task in cfg.tasks:
                 tdir = base / task.label
-                if only_tables and not (tdir / "metrics.json").is_file():
+                if not task.runs_on(arm.name) or only_tables and not (tdir / "metrics.json").is_file():
                     continue
                 t0 = time.perf_counter()
                 metrics = _task(cfg, task, arm.name, weights, seed, tdir, log)
