@@ -16,6 +16,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MWM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def one_thread():
+    """Fixture body: torch on 1 thread, restored after. Tiny tensors on a shared 2-core machine: OpenMP barrier
+    waits cost more than the work. Each test package wraps it with the scope it needs, e.g.
+    ``_single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def shared_file(name: str) -> Path:
     """A file of ../shared/data, or skip the test saying why."""
     p = SHARED_DATA / name

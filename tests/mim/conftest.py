@@ -5,12 +5,8 @@ with 1). The previous thread count is restored after each test."""
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tests.conftest import one_thread
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_single_thread = pytest.fixture(autouse=True)(one_thread)

@@ -9,16 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+from tests.conftest import one_thread
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # module scope: it must also cover module-scoped fixtures that train (autouse runs first in its scope)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @pytest.fixture(scope="session")

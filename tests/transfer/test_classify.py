@@ -17,18 +17,12 @@ from typer.testing import CliRunner
 from mwm.errors import MWMError
 from mwm.transfer import classify
 from mwm.transfer.classify import METRIC_KEYS, FinetuneConfig, finetune
-from tests.conftest import shared_file
+from tests.conftest import one_thread, shared_file
 
 MEAN, STD = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)  # not ImageNet's: proves encoder.json's normalization is used
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # a shared 2-core machine: OpenMP barrier waits cost more than these tiny tensors' work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,13 @@ from mwm.errors import DataError, MWMError
 from mwm.transfer.backbone import BackboneSpec, resolve_weights
 from mwm.transfer.segment import (SegmentConfig, build_model, load_segmenter, overlap_counts, paired_augment,
                                   segment, segmentation_loss, summarize)
-from tests.conftest import shared_file
+from tests.conftest import one_thread, shared_file
 
 METRIC_KEYS = {"dice", "iou", "dice_pooled", "iou_pooled", "dice_fg", "n_test", "n_test_empty", "best_epoch",
                "val_dice", "train_dice", "seconds", "history", "size", "arch"}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # tiny tensors on a shared 2-core machine: OpenMP barriers between threads cost more than the work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_single_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 def _cfg(data, out, **kw) -> SegmentConfig:
