@@ -38,3 +38,116 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+# -- output-folder locks --------------------------------------------------------------------------------------
+LOCK_NAME = ".mwm.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict:
+    import json
+
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _lock_is_stale(info: dict) -> bool:
+    """A lock whose writer is gone: same host and its pid no longer runs (a lock from another host is trusted)."""
+    import socket
+
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        return True  # unreadable or half-written lock file: its writer died before finishing it
+    return info.get("host") == socket.gethostname() and not _pid_alive(pid)
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str | Path, name: str = LOCK_NAME, what: str = "run") -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder for the duration of a job.
+
+    The lock is a file ``folder/name`` created with ``O_CREAT | O_EXCL`` holding the pid, host, start time and
+    command line. A second job into the same folder gets an :class:`MWMError` naming the process that holds it;
+    a lock left by a process that no longer runs (same host) is taken over. Written by hand: ``filelock`` and
+    ``fcntl`` locks vanish with their process and cannot name the holder, which is the message users need.
+
+    Args:
+        folder: the output folder (created when missing).
+        name: the lock file's name (sharded jobs lock ``.mwm.lock-<shard>`` so shards run side by side).
+        what: the job taking the lock, named to whoever finds it held ("localize run", "pretraining run").
+
+    Returns:
+        A context manager yielding the lock file's path; the file is removed on exit.
+    """
+    import json
+    import socket
+    import sys
+    import time
+
+    from .errors import MWMError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MWMError(f"--out {folder} is a file, not a folder; give a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MWMError(f"cannot create the output folder {folder} ({e.strerror}); choose a writable --out") from e
+    path = folder / name
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+          "command": " ".join(sys.argv)[:500], "what": what}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            info = _read_lock(path)
+            if not info and time.time() - _mtime(path) < 2:
+                time.sleep(0.2)  # another process is writing its lock right now
+                info = _read_lock(path)
+            if _lock_is_stale(info):
+                _remove_if_same(path, info)
+                continue
+            raise MWMError(f"{folder} is in use by another {info.get('what', 'run')}: pid {info.get('pid')} on {info.get('host')} "
+                           f"(started {info.get('started')}: {info.get('command', '?')}). Wait for it to finish, "
+                           f"or choose another --out; if that process is gone, delete {path}") from None
+        except PermissionError as e:
+            raise MWMError(f"cannot write in {folder} ({e.strerror}); choose a writable --out") from e
+        except OSError as e:
+            raise MWMError(f"cannot write in {folder} ({e.strerror}); choose a writable --out") from e
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise MWMError(f"could not take the lock {path}; another process keeps re-creating it")
+    try:
+        yield path
+    finally:
+        if _read_lock(path).get("pid") == me["pid"]:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove_if_same(path: Path, info: dict) -> None:
+    """Remove a stale lock only if it still holds what we read (another taker may have replaced it)."""
+    if _read_lock(path) == info:
+        with contextlib.suppress(OSError):
+            os.remove(path)
