@@ -128,3 +128,26 @@ def test_registry_and_stats():
         MaskingConfig(strategy="nope")
     with pytest.raises(ValueError, match="needs ROI boxes"):
         create_masker(MaskingConfig(strategy="roi"))(2, (4, 4))
+
+
+def test_no_roi_policy_ratio_or_background_exact_counts():
+    """A batch mixing ROI and no-ROI images (no box, and a failed localization's empty list): ``no_roi: ratio``
+    (ours) masks the no-ROI images at ``ratio``; ``background`` (the MWM reference's low_mask_ratio) at
+    ``ratio_out``. ROI images are masked the same under both."""
+    import pytest
+
+    boxes, valid = boxes_tensor([[[0.0, 0.0, 0.5, 0.5]], [], [[0.5, 0.5, 1.0, 1.0]], []])
+    grid = (4, 4)  # 16 patches: ROI images have 4 ROI patches, 12 background
+    counts = {}
+    for policy in ("ratio", "background"):
+        m = create_masker(MaskingConfig(strategy="roi", ratio_in=0.75, ratio_out=0.25, ratio=0.5, no_roi=policy))
+        keep, _ = m(4, grid, boxes, valid, gen(3))
+        masked = (~keep).flatten(1).sum(1).tolist()
+        roi = roi_coverage(boxes, valid, grid).flatten(1) > 0
+        in_roi = ((~keep).flatten(1) & roi).sum(1).tolist()
+        assert in_roi[0] == in_roi[2] == 3 and masked[0] == masked[2] == 3 + 3  # 0.75 · 4 + 0.25 · 12
+        counts[policy] = (masked[1], masked[3])
+    assert counts == {"ratio": (8, 8), "background": (4, 4)}  # 0.5 · 16 and 0.25 · 16
+    assert MaskingConfig(no_roi="random").no_roi == "random"  # the former name still loads old config.yaml files
+    with pytest.raises(ValueError):
+        MaskingConfig(no_roi="error")

@@ -82,8 +82,58 @@ def test_export_loads_into_timm(mae):
         assert torch.allclose(tokens, dense.eval().forward_features(x), atol=1e-5)
 
 
-def test_sincos_pos_embed():
-    pe = sincos_pos_embed_2d(8, (2, 3))
-    assert pe.shape == (6, 8)
-    assert torch.allclose(pe[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
-    assert torch.equal(pe[1, :4], pe[0, :4]) and not torch.equal(pe[1, 4:], pe[0, 4:])  # same row, next column
+def mae_2d_sincos(embed_dim, grid_size, cls_token=False):
+    """MAE's util/pos_embed.py get_2d_sincos_pos_embed, written out in numpy (square grids, as MAE)."""
+    import numpy as np
+
+    def one_d(d, pos):
+        omega = np.arange(d // 2, dtype=np.float64) / (d / 2.0)
+        omega = 1.0 / 10000 ** omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)), 0)
+    grid = grid.reshape([2, 1, grid_size, grid_size])
+    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return torch.from_numpy(emb).float()
+
+
+def test_sincos_pos_embed_is_maes():
+    assert torch.equal(sincos_pos_embed_2d(8, (3, 3)), mae_2d_sincos(8, 3))
+    pe = sincos_pos_embed_2d(8, (2, 3))  # non-square: row-major patches, first half = column (MAE's order)
+    assert pe.shape == (6, 8) and torch.allclose(pe[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    assert torch.equal(pe[3, :4], pe[0, :4]) and torch.equal(pe[1, 4:], pe[0, 4:])  # same column / same row
+
+
+def test_encoder_pos_embed_is_fixed_sincos_and_exported(mae):
+    """The encoder's position embedding is MAE's sin-cos table with the class position at zero, is not trained by
+    an optimizer step, and is in the exported state_dict (timm loads it)."""
+    from mwm.train import PretrainConfig
+    from mwm.train.optim import build_optimizer
+
+    pe = mae.encoder.model.pos_embed
+    assert pe.shape == (1, 17, 192) and not pe.requires_grad
+    assert torch.equal(pe[0], mae_2d_sincos(192, 4, cls_token=True))
+    model = create_mim_model(MAEConfig(arch=ARCH, size=SIZE, decoder_dim=64, decoder_depth=1))
+    before = model.encoder.model.pos_embed.detach().clone()
+    # MAE's initialisation, not timm's trunc-normal(0.02): xavier-uniform linears (bound √(6/(fan_in+fan_out)))
+    w = model.encoder.model.blocks[0].mlp.fc1.weight
+    assert 0.07 < w.abs().max() <= (6 / sum(w.shape)) ** 0.5 and not model.encoder.model.blocks[0].mlp.fc1.bias.any()
+    cfg = PretrainConfig(data="x.npz", out="run", model=model_cfg_dict(), lr=0.1, optimizer="adamw")
+    opt, _, _ = build_optimizer(model, cfg, world_size=1)
+    assert all(p is not model.encoder.model.pos_embed for g in opt.param_groups for p in g["params"])
+    keep = random_keep(2, (4, 4), 0.75, gen(5))
+    model(torch.randn(2, 3, SIZE, SIZE), keep)["loss"].backward()
+    opt.step()
+    assert torch.equal(model.encoder.model.pos_embed, before)
+    assert torch.equal(model.encoder_state_dict()["pos_embed"], before)
+    # the decoder's table is MAE's too (no class row: prefix tokens get no position there)
+    assert torch.equal(model.decoder.pos_embed[0], mae_2d_sincos(64, 4))
+    learned = create_mim_model(MAEConfig(arch=ARCH, size=SIZE, decoder_dim=64, pos_embed="learned"))
+    assert learned.encoder.model.pos_embed.requires_grad
+
+
+def model_cfg_dict():
+    return {"method": "mae", "arch": ARCH, "size": SIZE, "decoder_dim": 64, "decoder_depth": 1}

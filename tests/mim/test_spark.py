@@ -130,3 +130,27 @@ def test_convert_sync_batchnorm_keeps_sparse_layers_sparse():
     assert all(m._mwm_sync_group == "pg" for m in model.encoder.modules() if isinstance(m, SparseBatchNorm2d))
     assert all(type(m) is MaskedBatchNorm2d and m._mwm_sync_group == "pg" for m in model.decoder.densify_norms)
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.decoder.blocks.modules())
+
+
+def test_init_and_drop_path_follow_spark():
+    """SparK's init: decoder blocks and head truncated-normal(0.02) convs with zero bias, transposed convs Kaiming;
+    the densify projections live outside SparK's decoder and keep PyTorch's default init (uniform ±1/√fan_in,
+    non-zero bias). Drop path: SparK's per-model rate (resnet50 0.05), not exported with the weights."""
+    from mwm.mim.spark import spark_drop_path
+
+    torch.manual_seed(0)
+    model = create_mim_model(SparKConfig(arch="resnet18", size=SIZE, decoder_width=64))
+    dec = model.decoder
+    for proj in dec.densify_projs:
+        bound = 1 / (proj.weight[0].numel()) ** 0.5
+        assert proj.bias.abs().max() > 0 and proj.weight.abs().max() <= bound
+        assert float(proj.weight.detach().std()) == pytest.approx(bound / 3 ** 0.5, rel=0.1)  # uniform, not N(0, 0.02)
+    conv = dec.blocks[0][1]
+    assert float(conv.weight.detach().std()) == pytest.approx(0.02, rel=0.1) and not dec.head.bias.any()
+    assert all(t.abs().max() <= 0.02 for t in dec.mask_tokens)
+    assert spark_drop_path("resnet50") == 0.05 and spark_drop_path("resnet18") == 0.0
+    assert spark_drop_path("resnet50", 0.0) == 0.0
+    r50 = create_mim_model(SparKConfig(arch="resnet50", size=SIZE))
+    rates = [m.drop_prob for m in r50.encoder.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.05)
+    assert "drop_path_rate" not in r50.encoder.model_kwargs  # encoder.json: fine-tuning picks its own

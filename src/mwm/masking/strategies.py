@@ -30,7 +30,10 @@ class MaskingConfig(BaseModel):
     ratio_out: float = Field(default=0.2, ge=0, lt=1)
     min_coverage: float = Field(default=0.0, ge=0, lt=1, description="a patch is ROI when covered by more than this")
     temperature: float = Field(default=0.25, gt=0, description="soft: lower = more strictly by importance")
-    no_roi: Literal["random", "error"] = Field(default="random", description="images without ROI: mask at `ratio` uniformly")
+    no_roi: Literal["ratio", "background", "random"] = Field(
+        default="ratio", description="roi: how images without an ROI are masked: uniformly at `ratio` (ours), or "
+                                    "at the background ratio `ratio_out` (the MWM reference, whose region mask is "
+                                    "then all background); 'random' is the former name of 'ratio'")
 
     @model_validator(mode="after")
     def _known(self) -> "MaskingConfig":
@@ -82,14 +85,18 @@ def _random(cfg: MaskingConfig) -> Masker:
 @register_strategy("roi", needs_roi=True)
 def _roi_two_level(cfg: MaskingConfig) -> Masker:
     """Mask What Matters: ``ratio_in`` inside the ROI, ``ratio_out`` outside (the overall ratio follows ROI size).
-    Images without a box are masked uniformly at ``ratio``."""
+    Images without a box are masked uniformly at ``ratio``
+    (``no_roi: ratio``, default: a failed localization then costs no more than random masking) or at ``ratio_out``
+    (``no_roi: background``: the MWM reference, ``SparK.targeted_mask``, treats an all-zero region mask as all
+    background)."""
+    no_roi_ratio = cfg.ratio_out if cfg.no_roi == "background" else cfg.ratio
 
     def masker(batch, grid, boxes=None, valid=None, generator=None, device=None):
         _, roi = _roi(boxes, valid, grid, cfg)
         has = valid.any(1)
         r_in = torch.full((batch,), cfg.ratio_in, dtype=torch.float64, device=roi.device)
         r_out = torch.where(has, torch.tensor(cfg.ratio_out, dtype=torch.float64, device=roi.device),
-                            torch.tensor(cfg.ratio, dtype=torch.float64, device=roi.device))
+                            torch.tensor(no_roi_ratio, dtype=torch.float64, device=roi.device))
         keep = two_region_keep(roi, r_in, r_out, generator)
         return keep, realised_ratios(keep, roi)
 

@@ -122,8 +122,11 @@ class LightDecoder(nn.Module):
         self._init()
 
     def _init(self):
-        # SparK's initialisation: truncated-normal(0.02) convs, Kaiming for transposed convs, unit norms
-        for m in self.modules():
+        # SparK's LightDecoder.initialize, applied to what SparK's decoder holds (the upsampling blocks and the
+        # head): truncated-normal(0.02) convs, Kaiming (fan_out) for transposed convs, unit norms. SparK builds the
+        # densify projections and norms in the SparK module, outside the decoder, so they keep PyTorch's default
+        # init (Kaiming-uniform, a=√5, non-zero bias); the mask tokens are truncated-normal(0.02) at ±0.02 (above).
+        for m in [*self.blocks.modules(), self.head]:
             if isinstance(m, nn.Conv2d):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:

@@ -21,7 +21,17 @@ from torch import nn
 
 from .sparse import MaskContext, SparseBatchNorm2d, sparsify
 
-__all__ = ["SparseEncoder", "encoder_state_dict_for_timm", "to_detectron2", "classifier_keys"]
+__all__ = ["SparseEncoder", "encoder_state_dict_for_timm", "to_detectron2", "classifier_keys", "architecture_kwargs"]
+
+# timm kwargs that regularize training but do not change the architecture or its weights: they steer the
+# pretraining only and are not exported (fine-tuning chooses its own)
+TRAINING_ONLY_KWARGS = frozenset({"drop_path_rate", "drop_rate", "drop_block_rate", "attn_drop_rate",
+                                  "proj_drop_rate", "pos_drop_rate", "patch_drop_rate"})
+
+
+def architecture_kwargs(kwargs: dict) -> dict:
+    """``kwargs`` without :data:`TRAINING_ONLY_KWARGS`: what a timm model needs to load the exported weights."""
+    return {k: v for k, v in kwargs.items() if k not in TRAINING_ONLY_KWARGS}
 
 
 class SparseEncoder(nn.Module):
@@ -48,7 +58,7 @@ class SparseEncoder(nn.Module):
         self.indices = [i for i, f in enumerate(info) if f["reduction"] >= min_reduction]
         model.prune_intermediate_layers(self.indices, prune_head=True)
         self.arch = arch
-        self.model_kwargs = dict(model_kwargs)
+        self.model_kwargs = architecture_kwargs(model_kwargs)  # exported with the weights (encoder.json)
         self.channels = [info[i]["num_chs"] for i in self.indices]
         self.reductions = [info[i]["reduction"] for i in self.indices]
         self.stride = self.reductions[-1]

@@ -5,6 +5,13 @@ transformer, predict the pixels of every patch, score the masked ones.
 >>> keep, _ = masker(batch=B, grid=model.grid(224), device=x.device)      # bool (B, 1, 14, 14), True = visible
 >>> out = model(x, keep); out["loss"].backward()
 
+Position embeddings (MAE ``models_mae.py``): encoder and decoder both use the fixed 2-D sin-cos table of MAE's
+``util/pos_embed.py`` (class/prefix positions zero). The encoder's is timm's ``pos_embed`` parameter filled with
+it and frozen (``requires_grad=False``), so it is still in ``encoder.pth`` and timm loads it; the optimizer never
+sees it. ``pos_embed: learned`` keeps timm's trainable one (the default with ``pretrained``, whose checkpoint has
+its own). Without ``pretrained`` the encoder is initialised as MAE's ``initialize_weights`` (xavier-uniform
+linears and patch projection, N(0, 0.02) class token, unit LayerNorms) instead of timm's truncated normal.
+
 Token dropping (MAE §3 "MAE encoder"): the encoder runs on the ``n_vis`` visible patch tokens (+ the class
 token) only — the ×(1/(1−ratio)) saving that makes MAE fast. A batch is one dense tensor, so every sample needs
 the same ``n_vis``: the ``random`` and ``roi_overall`` maskers guarantee it (so do ``soft`` and ``topk``);
@@ -54,6 +61,9 @@ class MAEConfig(BaseModel):
     eps: float = Field(default=1e-6, gt=0)
     drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
     pretrained: bool = False
+    pos_embed: Literal["sincos", "learned"] | None = Field(
+        default=None, description="encoder position embedding: MAE's fixed 2-D sin-cos (frozen) or timm's learned "
+                                  "one; default sincos, learned with pretrained weights")
 
     @model_validator(mode="after")
     def _dims(self) -> "MAEConfig":
@@ -69,8 +79,12 @@ class MAEConfig(BaseModel):
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding (MAE; Vaswani et al. 2017 per axis): (h·w, dim), half the
-    channels encode the row, half the column, each as [sin(pos·ω_k), cos(pos·ω_k)], ω_k = 10000^(−k/(dim/4))."""
+    """Fixed 2-D sine-cosine position embedding, MAE's ``get_2d_sincos_pos_embed`` (without the class row) for
+    an (h, w) grid: (h·w, dim) in patch order (row-major). As MAE's (its ``meshgrid(grid_w, grid_h)`` puts w
+    first), the first half of the channels encodes the **column**, the second half the row, each as
+    [sin(pos·ω_k), cos(pos·ω_k)] with ω_k = 10000^(−k/(dim/4)), k < dim/4; computed in float64."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
     h, w = grid
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
@@ -79,7 +93,35 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
         a = pos.reshape(-1, 1) * omega
         return torch.cat([a.sin(), a.cos()], 1)
 
-    return torch.cat([axis(ys), axis(xs)], 1).float()
+    return torch.cat([axis(xs), axis(ys)], 1).float()
+
+
+def _mae_init_vit(model: nn.Module) -> None:
+    """MAE's ``initialize_weights`` on a timm ViT: patch projection xavier-uniform as a linear, class token
+    N(0, 0.02), every Linear xavier-uniform with zero bias, LayerNorms at 1/0."""
+    w = model.patch_embed.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    if getattr(model, "cls_token", None) is not None:
+        nn.init.normal_(model.cls_token, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _fixed_sincos(model: nn.Module, grid: tuple[int, int]) -> None:
+    """Fill timm's ``pos_embed`` (1, prefix + N or N, D) with MAE's sin-cos table (prefix rows 0) and freeze it."""
+    pe = model.pos_embed
+    n = grid[0] * grid[1]
+    table = torch.zeros(pe.shape[1], pe.shape[2])
+    table[-n:] = sincos_pos_embed_2d(pe.shape[2], grid)
+    with torch.no_grad():
+        pe.copy_(table[None])
+    pe.requires_grad_(False)
 
 
 def visible_index(keep: torch.Tensor, n_visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +152,8 @@ class ViTEncoder(nn.Module):
     (tokens (B, P + n_vis, D) after the final norm, P = prefix tokens (class/register), ids_restore (B, N)).
     ``keep=None`` encodes every token (the fine-tuning view)."""
 
-    def __init__(self, arch: str, size: int, pretrained: bool = False, **model_kwargs):
+    def __init__(self, arch: str, size: int, pretrained: bool = False, pos_embed: str | None = None,
+                 **model_kwargs):
         super().__init__()
         model = timm.create_model(arch, pretrained=pretrained, img_size=size, **model_kwargs)
         for attr in ("patch_embed", "_pos_embed", "blocks", "norm"):
@@ -128,9 +171,18 @@ class ViTEncoder(nn.Module):
         self.embed_dim = model.embed_dim
         self.num_prefix_tokens = model.num_prefix_tokens
         self.grid_size = tuple(model.patch_embed.grid_size)
+        if not pretrained:
+            _mae_init_vit(model)
+        self.pos_embed_kind = pos_embed or ("learned" if pretrained else "sincos")
+        if self.pos_embed_kind == "sincos" and getattr(model, "pos_embed", None) is not None:
+            _fixed_sincos(model, self.grid_size)
 
     def export_model_kwargs(self) -> dict:
-        return {"img_size": self.size, **self.model_kwargs}
+        """timm kwargs for the exported weights: img_size and the architecture ones (training-only
+        regularizers such as drop_path_rate are left to the fine-tuning config)."""
+        from .encoder import architecture_kwargs
+
+        return {"img_size": self.size, **architecture_kwargs(self.model_kwargs)}
 
     def grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
         return grid_for(size, self.stride)
@@ -219,7 +271,7 @@ def create_mae(cfg: MAEConfig) -> MAE:
     kwargs = {"in_chans": cfg.in_chans}
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    enc = ViTEncoder(cfg.arch, cfg.size, pretrained=cfg.pretrained, **kwargs)
+    enc = ViTEncoder(cfg.arch, cfg.size, pretrained=cfg.pretrained, pos_embed=cfg.pos_embed, **kwargs)
     enc.grid(cfg.size)
     dec = MAEDecoder(enc.embed_dim, enc.grid_size, enc.stride, cfg.in_chans, enc.num_prefix_tokens,
                      dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.heads)

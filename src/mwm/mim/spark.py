@@ -17,7 +17,17 @@ from .decoder import LightDecoder
 from .encoder import MaskedModel, SparseEncoder, encoder_state_dict_for_timm
 from .loss import masked_mse, reconstruct
 
-__all__ = ["SparK", "SparKConfig", "create_spark"]
+__all__ = ["SparK", "SparKConfig", "create_spark", "SPARK_DROP_PATH", "spark_drop_path"]
+
+# SparK's per-model pretraining drop-path rates (pretrain/models/__init__.py, pretrain_default_model_kwargs);
+# models it does not list (resnet18/34, convnext_tiny, …) pretrain without drop path there
+SPARK_DROP_PATH = {"resnet50": 0.05, "resnet101": 0.08, "resnet152": 0.10, "resnet200": 0.15,
+                   "convnext_small": 0.2, "convnext_base": 0.3, "convnext_large": 0.4}
+
+
+def spark_drop_path(arch: str, rate: float | None = None) -> float:
+    """The encoder's drop-path rate: ``rate`` when given, else SparK's for ``arch`` (0 for models it lacks)."""
+    return float(rate) if rate is not None else SPARK_DROP_PATH.get(arch, 0.0)
 
 
 class SparKConfig(BaseModel):
@@ -43,7 +53,9 @@ class SparKConfig(BaseModel):
     decoder_channels_last: bool = True
     norm_pix: bool = True
     eps: float = Field(default=1e-6, gt=0)
-    drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+    drop_path_rate: float | None = Field(default=None, ge=0, lt=1, description="encoder stochastic depth while "
+                                         "pretraining (not exported); default: SparK's per model (resnet50 0.05, "
+                                         "resnet101 0.08, convnext_base 0.3 …; 0 for models it lacks)")
     pretrained: bool = False
 
     @model_validator(mode="after")
@@ -92,8 +104,9 @@ class SparK(MaskedModel):
 
 def create_spark(cfg: SparKConfig) -> SparK:
     kwargs = {"in_chans": cfg.in_chans}
-    if cfg.drop_path_rate:
-        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    dpr = spark_drop_path(cfg.arch, cfg.drop_path_rate)
+    if dpr:
+        kwargs["drop_path_rate"] = dpr
     enc = SparseEncoder(cfg.arch, pretrained=cfg.pretrained, **kwargs)
     enc.grid(cfg.size)  # validates the size against the real stride
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
