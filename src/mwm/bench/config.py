@@ -25,7 +25,7 @@ Every arm × seed pretrains (unless ``pretrain: false``: the no-pretraining arm,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -102,7 +102,7 @@ class BenchConfig(BaseModel):
     out: Path | None = Field(default=None, description="default: runs/bench/<name>")
     arch: str = "resnet18"
     size: int = Field(default=64, ge=16)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     rois: RoiSourceConfig = RoiSourceConfig()
     pretrain: dict[str, Any] = Field(default_factory=dict, description="PretrainConfig overrides for every arm")
     arms: list[ArmConfig] = Field(min_length=1)
@@ -118,6 +118,13 @@ class BenchConfig(BaseModel):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"arm names must be unique; repeated: {sorted(dup)}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be unique (each seed is one run of every arm); got {v}")
         return v
 
     @model_validator(mode="after")

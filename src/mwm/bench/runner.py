@@ -1,16 +1,28 @@
-"""Run a :class:`BenchConfig`: ROIs once, then every arm × seed (pretrain → each task), resuming finished parts.
+"""Run a :class:`BenchConfig`: ROIs once, then every arm × seed (pretrain → each task), reusing finished parts.
 
 Layout under ``OUT``::
 
     config.yaml                   the resolved bench config
-    rois.jsonl                    gt-boxes manifest (when rois.source = gt-boxes)
+    .mwm.lock                     held for the whole run (a second bench into OUT fails naming the holder)
+    rois.jsonl                    gt-boxes manifest (when rois.source = gt-boxes) + rois.bench_part.json
     rois-<arm>.jsonl              an arm's own gt-boxes manifest (when the arm sets rois)
     runs/<arm>/seed<k>/pretrain/  a `mwm pretrain` run folder (summary.json once finished)
     runs/<arm>/seed<k>/<task>/    a transfer run folder (metrics.json once finished)
+    stale/<part>-<hash8>/         parts made with another config, moved aside (never deleted)
     results.csv, results.md, plots/*.png
 
-A part is done when its ``summary.json`` / ``metrics.json`` exists; a pretraining folder without one resumes
-from its checkpoint. So a killed bench restarts where it stopped, and adding a seed or an arm runs only that.
+Every part stores the identity it was made with (``bench_part.json``, see :mod:`mwm.bench.parts`): the
+resolved config minus settings that cannot change results, its ROI manifest / encoder by content hash. A part
+is done when that identity equals the one now asked for and its ``summary.json`` / ``metrics.json`` (or
+manifest) exists; with the same identity but no marker a pretraining folder resumes from its checkpoint. A part
+whose identity differs (or that has none: made by an older mwm) is moved to ``OUT/stale/`` and run again, and
+so is what depends on it: a rebuilt ROI manifest with new content changes the guided arms' pretraining identity,
+a new encoder changes its tasks' identity. So a killed bench restarts where it stopped, adding a seed or an arm
+runs only that, and a changed setting reruns exactly the parts it affects — a table never mixes configs.
+
+The bench config is validated whole before anything runs (:func:`check_bench`): the PretrainConfig of every
+arm and the task config of every task are built by the same functions the runner uses
+(:func:`pretrain_config`, :func:`task_config`).
 """
 
 from __future__ import annotations
@@ -19,13 +31,16 @@ import importlib
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from ..config import save_config
+from pydantic import BaseModel, ValidationError
+
+from ..config import ConfigError, save_config
 from ..errors import MWMError
 from .config import ArmConfig, BenchConfig, RoiSourceConfig, TaskConfig
+from .parts import Part, PartStore, file_sha256, pretrain_identity, rois_identity, task_identity
 
-__all__ = ["run_bench", "TASKS", "run_dir"]
+__all__ = ["run_bench", "check_bench", "pretrain_config", "task_config", "TASKS", "run_dir"]
 
 # kind → (module, config class, entry function, extra config fields)
 TASKS: dict[str, tuple[str, str, str, dict]] = {
@@ -40,72 +55,194 @@ def run_dir(cfg: BenchConfig, arm: str, seed: int) -> Path:
     return cfg.out_dir / "runs" / arm / f"seed{seed}"
 
 
-def _prepare_rois(cfg: BenchConfig, rois: RoiSourceConfig, path: Path) -> Path | None:
-    """The manifest for one ROI source: ``rois.path`` as given, or gt-boxes (+ fallback) written to ``path``."""
-    if rois.source == "none":
-        return None
-    if rois.source == "manifest":
-        if not Path(rois.path).is_file():
-            raise MWMError(f"rois.path {rois.path}: no such manifest; run `mwm localize` first")
-        return Path(rois.path)
-    from ..localize.gt_rois import write_gt_rois
+# -- configs of the parts (one place, used by validation and by the runner) ----------------------------------
 
-    if rois.fallback is not None and not Path(rois.fallback).is_file():
-        raise MWMError(f"rois.fallback {rois.fallback}: no such manifest; run `mwm localize` first")
-    if not path.is_file():
-        write_gt_rois(cfg.data, path, expand=rois.expand, box_mode=rois.box_mode, fallback=rois.fallback)
-    return path
-
-
-def _arm_rois(cfg: BenchConfig) -> dict[str, Path | None]:
-    """Arm name → its ROI manifest (prepared once per source; only guided arms get one)."""
+def _guided(arm: ArmConfig) -> bool:
     from ..masking import NEEDS_ROI
 
-    shared: Path | None | bool = False  # not prepared yet
-    out: dict[str, Path | None] = {}
+    return arm.pretrain and arm.strategy in NEEDS_ROI
+
+
+def roi_sources(cfg: BenchConfig) -> dict[str, tuple[RoiSourceConfig, Path] | None]:
+    """Arm name → (its ROI source, the manifest path it pretrains on); None for arms that use no ROIs."""
+    out: dict[str, tuple[RoiSourceConfig, Path] | None] = {}
     for arm in cfg.arms:
-        if not (arm.pretrain and arm.strategy in NEEDS_ROI):
+        src = cfg.rois_for(arm)
+        if not _guided(arm):
             out[arm.name] = None
-        elif arm.rois is not None:
-            out[arm.name] = _prepare_rois(cfg, arm.rois, cfg.out_dir / f"rois-{arm.name}.jsonl")
+        elif src.source == "manifest":
+            out[arm.name] = (src, Path(src.path))
         else:
-            if shared is False:
-                shared = _prepare_rois(cfg, cfg.rois, cfg.out_dir / "rois.jsonl")
-            out[arm.name] = shared  # type: ignore[assignment]
+            out[arm.name] = (src, cfg.out_dir / ("rois.jsonl" if arm.rois is None else f"rois-{arm.name}.jsonl"))
     return out
 
 
-def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, log: Callable) -> dict:
-    from ..masking import NEEDS_ROI
-    from ..train import PretrainConfig, pretrain
+def pretrain_config(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, resume: bool = False):
+    """The PretrainConfig of ``arm`` × ``seed``: the bench's ``pretrain`` options, then the arm's ``options``
+    and ``masking``, and the bench's data / arch / size / seed / device. Raises pydantic's ValidationError."""
+    from ..train import PretrainConfig
 
-    out = run_dir(cfg, arm.name, seed) / "pretrain"
-    done = out / "summary.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     opts = {**cfg.pretrain, **arm.options}
     model = {"arch": cfg.arch, "size": cfg.size, **opts.pop("model", {})}
-    guided = arm.strategy in NEEDS_ROI
-    pc = PretrainConfig.model_validate({
-        **opts, "data": cfg.data, "out": out, "seed": seed, "model": model, "masking": arm.masking,
-        "rois": rois if guided else None, "allow_missing_rois": guided or opts.get("allow_missing_rois", False),
-        "resume": (out / "checkpoints" / "last.pt").is_file(),
+    guided = _guided(arm)
+    return PretrainConfig.model_validate({
+        **opts, "data": cfg.data, "out": run_dir(cfg, arm.name, seed) / "pretrain", "seed": seed, "model": model,
+        "masking": arm.masking, "rois": rois if guided else None,
+        "allow_missing_rois": guided or opts.get("allow_missing_rois", False), "resume": resume,
         **({"accelerator": cfg.device} if cfg.device != "auto" and "accelerator" not in opts else {})})
-    log(f"pretrain {arm.name} seed {seed} ({pc.masking.strategy}, {pc.epochs} epochs)")
-    return pretrain(pc)
 
 
-def _task(cfg: BenchConfig, task: TaskConfig, arm: str, weights: str, seed: int, out: Path, log: Callable) -> dict:
-    done = out / "metrics.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    module, cls_name, fn_name, extra = TASKS[task.kind]
-    mod = importlib.import_module(module)
-    tc = getattr(mod, cls_name).model_validate({
+def task_config(cfg: BenchConfig, task: TaskConfig, seed: int, weights: str, out: Path) -> BaseModel:
+    """The config of ``task`` (FinetuneConfig / SegmentConfig / DetectConfig) for one arm's ``weights`` and
+    ``seed``, written to ``out``. Raises pydantic's ValidationError."""
+    module, cls_name, _, extra = TASKS[task.kind]
+    cls = getattr(importlib.import_module(module), cls_name)
+    return cls.model_validate({
         "size": cfg.size, **task.options, **extra, "data": cfg.data, "out": out, "weights": weights,
         "arch": cfg.arch, "seed": seed, **({"device": cfg.device} if cfg.device != "auto" else {})})
+
+
+def _weights(cfg: BenchConfig, arm: ArmConfig, seed: int) -> str:
+    return str(run_dir(cfg, arm.name, seed) / "pretrain" / "encoder.pth") if arm.pretrain else "none"
+
+
+def _pretrain_key(cfg: BenchConfig, arm: ArmConfig, loc: tuple) -> str:
+    """Where in the bench file a PretrainConfig error's field comes from."""
+    key = ".".join(str(p) for p in loc)
+    top = loc[0] if loc else None
+    if top == "masking":
+        return f"arms[{arm.name}].masking" + key[len("masking"):]
+    if top in arm.options:
+        return f"arms[{arm.name}].options.{key}"
+    if top in cfg.pretrain:
+        return f"pretrain.{key}"
+    if top == "model":
+        return f"arch/size ({key})"
+    return key or f"arms[{arm.name}] (masking + options)"
+
+
+def _errors(e: ValidationError, where: Callable[[tuple], str]) -> list[str]:
+    return [f"{where(tuple(err['loc']))}: {err['msg']}" for err in e.errors()]
+
+
+def check_bench(cfg: BenchConfig) -> None:
+    """Build every arm's PretrainConfig and every task's config before anything runs; every invalid one is
+    reported in one :class:`ConfigError` naming the arm or task and the key."""
+    seed = cfg.seeds[0]  # seeds are validated by BenchConfig; no other setting depends on the seed
+    rois = roi_sources(cfg)
+    lines: list[str] = []
+    for arm in cfg.arms:
+        if arm.pretrain:
+            try:
+                pretrain_config(cfg, arm, seed, None if rois[arm.name] is None else rois[arm.name][1])
+            except ValidationError as e:
+                # the bench's shared `pretrain:` block is named once, not once per arm
+                lines += [m if m.startswith("pretrain.") else f"arm '{arm.name}': {m}"
+                          for m in _errors(e, lambda loc: _pretrain_key(cfg, arm, loc))]
+    for task in cfg.tasks:
+        for arm in cfg.arms:
+            if not task.runs_on(arm.name):
+                continue
+            try:
+                task_config(cfg, task, seed, _weights(cfg, arm, seed), run_dir(cfg, arm.name, seed) / task.label)
+            except ValidationError as e:
+                def where(loc: tuple, task: TaskConfig = task) -> str:
+                    key = ".".join(str(p) for p in loc)
+                    return f"options.{key}" if loc and loc[0] in task.options else (key or "options")
+                lines += [f"task '{task.label}': {m}" for m in _errors(e, where)]
+    if lines:
+        lines = list(dict.fromkeys(lines))  # one line per problem, not per arm it concerns
+        raise ConfigError(f"invalid bench config '{cfg.name}' (nothing ran):\n" + "\n".join(f"  {s}" for s in lines))
+
+
+# -- the parts ---------------------------------------------------------------------------------------------
+
+def _prepare_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: PartStore, build: bool) -> Path | None:
+    """The manifest for one ROI source: ``rois.path`` as given, or gt-boxes (+ fallback) written to ``path``
+    unless a current one is there. ``build=False`` (tables only): None when it is missing or not current."""
+    if src.source == "manifest":
+        if not path.is_file():
+            if not build:
+                return None
+            raise MWMError(f"rois.path {path}: no such manifest; run `mwm localize` first")
+        return path
+    from ..localize.gt_rois import write_gt_rois
+
+    if src.fallback is not None and not Path(src.fallback).is_file():
+        raise MWMError(f"rois.fallback {src.fallback}: no such manifest; run `mwm localize` first")
+    part = Part(f"ROI manifest {path.name}", path, path, rois_identity(cfg.data, src),
+                extra=[path.with_name(path.stem + ".meta.json")])
+    state = store.check(part, retire=build)
+    if state == "done":
+        return path
+    if not build:
+        return None
+    write_gt_rois(cfg.data, path, expand=src.expand, box_mode=src.box_mode, fallback=src.fallback)
+    store.write_record(part)
+    return path
+
+
+def _arm_rois(cfg: BenchConfig, store: PartStore | None = None, build: bool = True) -> dict[str, Path | None]:
+    """Arm name → its ROI manifest (prepared once per path; only guided arms get one)."""
+    store = store or PartStore(cfg.out_dir, print)
+    ready: dict[Path, Path | None] = {}
+    out: dict[str, Path | None] = {}
+    for name, sp in roi_sources(cfg).items():
+        if sp is not None and sp[1] not in ready:
+            ready[sp[1]] = _prepare_rois(cfg, sp[0], sp[1], store, build)
+        out[name] = None if sp is None else ready[sp[1]]
+    return out
+
+
+class _Hashes:
+    """Content hashes of inputs, once per path and run (a manifest or an encoder read by many parts)."""
+
+    def __init__(self):
+        self._cache: dict[Path, str] = {}
+
+    def __call__(self, path: Path) -> str:
+        if path not in self._cache:
+            self._cache[path] = file_sha256(path)
+        return self._cache[path]
+
+
+def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
+              log: Callable, build: bool) -> dict | None:
+    """The arm's finished pretraining summary (running or resuming it when ``build``), else None."""
+    from .. import train
+
+    if _guided(arm) and rois is None:
+        return None  # tables only, and the ROI manifest is missing or not current
+    pc = pretrain_config(cfg, arm, seed, rois)
+    out = Path(pc.out)
+    part = Part(f"pretrain {arm.name} seed {seed}", out, out / "summary.json",
+                pretrain_identity(pc, None if pc.rois is None else sha(Path(pc.rois))))
+    state = store.check(part, retire=build)
+    if state == "done":
+        return json.loads(part.marker.read_text())
+    if not build:
+        return None
+    resume = state == "partial" and (out / "checkpoints" / "last.pt").is_file()
+    store.write_record(part)
+    log(f"pretrain {arm.name} seed {seed} ({pc.masking.strategy}, {pc.epochs} epochs{', resuming' if resume else ''})")
+    return train.pretrain(pc.model_copy(update={"resume": resume}))
+
+
+def _task(cfg: BenchConfig, task: TaskConfig, arm: str, weights: str, encoder_sha: str | None, seed: int, out: Path,
+          store: PartStore, log: Callable, build: bool) -> dict | None:
+    """The task's finished metrics (running it when ``build``), else None."""
+    tc = task_config(cfg, task, seed, weights, out)
+    part = Part(f"{task.label} on {arm} seed {seed}", out, out / "metrics.json",
+                task_identity(task.kind, tc, encoder_sha))
+    state = store.check(part, retire=build)
+    if state == "done":
+        return json.loads(part.marker.read_text())
+    if not build:
+        return None
+    store.write_record(part)
+    module, _, fn_name, _ = TASKS[task.kind]
     log(f"{task.label} on {arm} seed {seed}")
-    return getattr(mod, fn_name)(tc)
+    return getattr(importlib.import_module(module), fn_name)(tc)
 
 
 def _mask_ratios(pretrain_dir: Path) -> dict:
@@ -127,40 +264,57 @@ def _mask_ratios(pretrain_dir: Path) -> dict:
     return out
 
 
-def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables: bool = False) -> list[dict]:
-    """Run (or resume) everything and write the tables and plots; returns the result rows."""
-    from ..report.plots import bench_plots
-    from .tables import result_row, write_tables
+def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
+              log: Callable, build: bool) -> list[dict]:
+    """Pretrain one arm × seed (if it pretrains), run its tasks; one result row per finished task."""
+    from .tables import result_row
 
+    base = run_dir(cfg, arm.name, seed)
+    summary: dict[str, Any] = {}
+    ratios: dict = {}
+    weights, encoder_sha = "none", None
+    if arm.pretrain:
+        summary = _pretrain(cfg, arm, seed, rois, store, sha, log, build)
+        if summary is None:
+            return []
+        weights = _weights(cfg, arm, seed)
+        if not Path(weights).is_file():
+            raise MWMError(f"{weights} is missing although {base / 'pretrain' / 'summary.json'} says the run "
+                           f"finished; delete {base / 'pretrain'} to pretrain this arm again")
+        encoder_sha = sha(Path(weights))
+        ratios = _mask_ratios(base / "pretrain")
+    rows = []
+    for task in cfg.tasks:
+        if not task.runs_on(arm.name):
+            continue
+        t0 = time.perf_counter()
+        metrics = _task(cfg, task, arm.name, weights, encoder_sha, seed, base / task.label, store, log, build)
+        if metrics is not None:
+            rows.append(result_row(arm, seed, task, metrics, summary, ratios, time.perf_counter() - t0))
+    return rows
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables: bool = False) -> list[dict]:
+    """Run (or resume) everything and write the tables and plots; returns the result rows.
+
+    ``only_tables``: run nothing, move nothing; tabulate the parts that are done under the current config.
+    Raises :class:`ConfigError` (before creating anything) when an arm's or task's config is invalid, and
+    :class:`MWMError` when another bench holds ``OUT``.
+    """
+    from ..io import lock_folder
+    from ..report.plots import bench_plots
+    from .tables import write_tables
+
+    check_bench(cfg)
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    rois = {} if only_tables else _arm_rois(cfg)
-    rows: list[dict] = []
-    for seed in cfg.seeds:
-        for arm in cfg.arms:
-            base = run_dir(cfg, arm.name, seed)
-            summary: dict = {}
-            if arm.pretrain:
-                pdir = base / "pretrain"
-                if only_tables:
-                    if not (pdir / "summary.json").is_file():
-                        continue
-                    summary = json.loads((pdir / "summary.json").read_text())
-                else:
-                    summary = _pretrain(cfg, arm, seed, rois[arm.name], log)
-                weights = str(pdir / "encoder.pth")
-            else:
-                weights = "none"
-            for task in cfg.tasks:
-                tdir = base / task.label
-                if not task.runs_on(arm.name) or only_tables and not (tdir / "metrics.json").is_file():
-                    continue
-                t0 = time.perf_counter()
-                metrics = _task(cfg, task, arm.name, weights, seed, tdir, log)
-                rows.append(result_row(arm, seed, task, metrics, summary,
-                                       _mask_ratios(base / "pretrain") if arm.pretrain else {},
-                                       time.perf_counter() - t0))
-    write_tables(cfg, rows)
-    bench_plots(cfg, rows, out / "plots")
+    with lock_folder(out, what="bench run"):
+        save_config(cfg, out / "config.yaml")
+        store, sha = PartStore(out, log), _Hashes()
+        rois = _arm_rois(cfg, store, build=not only_tables)
+        rows: list[dict] = []
+        for seed in cfg.seeds:
+            for arm in cfg.arms:
+                rows += _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=not only_tables)
+        write_tables(cfg, rows)
+        bench_plots(cfg, rows, out / "plots")
     return rows

@@ -10,6 +10,18 @@ import typer
 from .common import SetOpt, console, handle_errors, out
 
 
+def _parse_seeds(seeds: str | None) -> list[int] | None:
+    """``"0,1,2"`` → ``[0, 1, 2]``; anything else is a ConfigError saying what to pass."""
+    if seeds is None:
+        return None
+    from ..config import ConfigError
+
+    items = [s.strip() for s in seeds.split(",")]
+    if not all(s.isdigit() for s in items):
+        raise ConfigError(f"--seeds {seeds!r}: give comma-separated non-negative integers, e.g. --seeds 0,1,2")
+    return [int(s) for s in items]
+
+
 @handle_errors
 def bench(
     config: Annotated[Path, typer.Argument(help="Bench YAML: data, rois, arms, seeds, tasks (see configs/bench/).")],
@@ -22,8 +34,10 @@ def bench(
 ):
     """Run (or resume) a benchmark protocol and write OUT/results.csv, OUT/results.md and OUT/plots/.
 
-    Finished parts (a pretraining run's summary.json, a task's metrics.json) are reused, so a killed bench
-    continues where it stopped and a new seed or arm runs only what is missing.
+    Finished parts (a pretraining run, a task, a gt-boxes ROI manifest) are reused only when they were made with
+    the config now asked for; a part made with another config is moved to OUT/stale/ and run again, with what
+    depends on it. So a killed bench continues where it stopped, a new seed or arm runs only what is missing,
+    and a changed setting reruns exactly the parts it affects. The whole bench file is validated first.
 
     Example: mwm bench configs/bench/br35h_r18_64.yaml --seeds 0,1,2
     """
@@ -36,7 +50,7 @@ def bench(
         from ..errors import MWMError
 
         raise MWMError(f"{config}: no such bench config; see configs/bench/ for examples")
-    seed_list = [int(s) for s in seeds.split(",")] if seeds else None
+    seed_list = _parse_seeds(seeds)
     cfg = resolve(BenchConfig, config, sets, {"out": out_dir, "device": device, "seeds": seed_list})
     t0 = time.perf_counter()
     rows = run_bench(cfg, log=lambda msg: console.print(f"[bold]bench[/bold] {msg}", highlight=False),

@@ -1,0 +1,199 @@
+"""Which bench parts are done: each part stores the identity (resolved config) it was made with.
+
+A *part* is one unit of bench work with its own output: a gt-boxes ROI manifest, a pretraining run folder or a
+transfer-task run folder. Its *identity* is the resolved config that made it — the command's full validated
+config (defaults filled in) minus the settings that cannot change its results (:data:`PRETRAIN_IGNORED`,
+:data:`TASK_IGNORED`), with the inputs it depends on replaced by their content hashes (a pretraining run's ROI
+manifest, a task's ``encoder.pth``), so a changed ROI manifest reruns the guided pretraining and a changed
+encoder reruns its tasks. The identity and its SHA-256 are written to ``bench_part.json`` inside a run folder
+(``<stem>.bench_part.json`` beside a manifest) when the part starts, before any of its output.
+
+A part is *done* when its record's hash equals the requested one and its finished-marker file
+(``summary.json`` / ``metrics.json`` / the manifest) exists; *partial* (resume it) when the hash matches
+but the marker is missing; *stale* when the hash differs or there is no record (made by an mwm before records
+existed: whatever config it says it used cannot be checked against what actually ran, so it is not adopted).
+A stale part is never deleted: :meth:`PartStore.retire` moves it to ``OUT/stale/<part>-<old hash[:8]>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from ..io import atomic_write_text
+
+__all__ = ["PART_FILE", "PRETRAIN_IGNORED", "TASK_IGNORED", "Part", "PartStore", "file_sha256", "identity_hash",
+           "pretrain_identity", "task_identity", "rois_identity"]
+
+PART_FILE = "bench_part.json"
+
+# Settings that change how fast a part runs, what it logs or which pictures it draws — never its numbers —
+# so changing them does not invalidate a finished part. `accelerator` / `device` are here too: CPU and GPU
+# give the same results up to floating-point order, and a bench resumed on another machine should reuse its
+# parts. (`resume` and `out` are bookkeeping; `workers` cannot change results because every sample's
+# augmentation is seeded by (seed, epoch, sample), see mwm.train.data; reconstruction previews use their own
+# generator, see mwm.train.recon.)
+PRETRAIN_IGNORED = frozenset({"out", "resume", "workers", "log_every", "checkpoint_every", "recon_every",
+                              "recon_images", "accelerator"})
+TASK_IGNORED = frozenset({"out", "device", "log_every", "examples", "score_thresh"})
+
+State = Literal["missing", "partial", "done", "stale"]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def pretrain_identity(pc: Any, rois_sha: str | None) -> dict:
+    """A PretrainConfig's identity: its resolved fields minus :data:`PRETRAIN_IGNORED`, the ROI manifest by
+    content (``rois_sha``: SHA-256 of the manifest it trains on, None without ROIs)."""
+    d = pc.model_dump(mode="json", exclude=set(PRETRAIN_IGNORED))
+    d["rois"] = None if pc.rois is None else {"sha256": rois_sha}
+    return {"part": "pretrain", **d}
+
+
+def task_identity(kind: str, tc: Any, encoder_sha: str | None) -> dict:
+    """A transfer task config's identity: resolved fields minus :data:`TASK_IGNORED`; the weights by the
+    SHA-256 of the encoder file (None: ``weights: none``, random init)."""
+    d = tc.model_dump(mode="json", exclude=set(TASK_IGNORED))
+    d["weights"] = "none" if encoder_sha is None else {"sha256": encoder_sha}
+    return {"part": f"task:{kind}", **d}
+
+
+def rois_identity(data: Path, source: Any) -> dict:
+    """A gt-boxes manifest's identity: the data, expansion and box mode, the fallback manifest by content."""
+    fb = source.fallback
+    return {"part": "rois", "source": source.source, "data": str(data), "expand": source.expand,
+            "box_mode": source.box_mode, "fallback": None if fb is None else {"sha256": file_sha256(fb)}}
+
+
+@dataclass
+class Part:
+    """One unit of bench work. ``path``: its run folder, or its file for a manifest; ``marker``: the file that
+    exists once it finished; ``extra``: files beside ``path`` that belong to it (moved along when stale)."""
+
+    label: str
+    path: Path
+    marker: Path
+    identity: dict
+    extra: list[Path] = field(default_factory=list)
+
+    @property
+    def is_folder(self) -> bool:
+        return self.marker != self.path
+
+    @property
+    def record(self) -> Path:
+        return self.path / PART_FILE if self.is_folder else self.path.with_name(f"{self.path.stem}.{PART_FILE}")
+
+    @property
+    def hash(self) -> str:
+        return identity_hash(self.identity)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_diff(old: dict, new: dict, limit: int = 3) -> str:
+    """``"masking.ratio 0.6 → 0.25, epochs 1 → 2"``: the first ``limit`` settings that differ."""
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in sorted(a.keys() | b.keys()) if k != "part" and a.get(k, "—") != b.get(k, "—")]
+
+    def short(v: Any) -> str:
+        s = json.dumps(v) if not isinstance(v, str) else v
+        return s if len(s) <= 24 else s[:20] + "…"
+
+    parts = [f"{k} {short(a.get(k, '—'))} → {short(b.get(k, '—'))}" for k in keys[:limit]]
+    return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+class PartStore:
+    """Checks, records and retires the parts under one bench output folder ``out``."""
+
+    def __init__(self, out: Path, log: Callable[[str], None]):
+        self.out = Path(out)
+        self.log = log
+
+    def _read(self, part: Part) -> dict | None:
+        try:
+            rec = json.loads(part.record.read_text(encoding="utf-8"))
+            return rec if isinstance(rec, dict) and isinstance(rec.get("hash"), str) else None
+        except (OSError, ValueError):
+            return None
+
+    def state(self, part: Part) -> State:
+        rec = self._read(part)
+        if rec is None:
+            if not part.path.exists() or part.is_folder and part.path.is_dir() and not any(part.path.iterdir()):
+                return "missing"
+            return "stale"  # made by an mwm without part records (or its record was lost): not adopted
+        if rec["hash"] != part.hash:
+            return "stale"
+        return "done" if part.marker.is_file() else "partial"
+
+    def check(self, part: Part, retire: bool = True) -> State:
+        """The part's state; a stale part is moved aside (``retire``) and then counts as missing."""
+        st = self.state(part)
+        if st == "stale":
+            if not retire:
+                self.log(f"{part.label} {self.why_stale(part)}: left out (run without --tables-only to redo it)")
+                return st
+            self.retire(part)
+            return "missing"
+        return st
+
+    def why_stale(self, part: Part) -> str:
+        rec = self._read(part)
+        if rec is None:
+            return "has no stored config hash (made by an older mwm)"
+        return f"was made with another config ({config_diff(rec.get('identity') or {}, part.identity)})"
+
+    def retire(self, part: Part) -> Path:
+        """Move a stale part to ``OUT/stale/<part path>-<old hash[:8]>/`` (never delete results); log one line."""
+        rec = self._read(part)
+        why = self.why_stale(part)
+        try:
+            rel = part.path.relative_to(self.out)
+        except ValueError:
+            rel = Path(part.path.name)
+        name = "-".join(rel.with_suffix("").parts if not part.is_folder else rel.parts)
+        base = self.out / "stale" / f"{name}-{rec['hash'][:8] if rec else 'nohash'}"
+        dest, n = base, 2
+        while dest.exists():  # the same stale part retired before (e.g. restored by hand and changed again)
+            dest, n = base.with_name(f"{base.name}~{n}"), n + 1
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if part.is_folder:
+            shutil.move(str(part.path), str(dest))
+        else:
+            dest.mkdir()
+            for p in (part.path, part.record, *part.extra):
+                if p.exists():
+                    shutil.move(str(p), str(dest / p.name))
+        self.log(f"{part.label} {why}: moved it to {dest}, running it again")
+        return dest
+
+    def write_record(self, part: Part) -> None:
+        """Record the identity (run folders: when the part starts, so a killed part resumes only under the same
+        config; manifests: once written)."""
+        if part.is_folder:
+            part.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(part.record, json.dumps({"hash": part.hash, "identity": part.identity}, indent=1))
