@@ -58,6 +58,9 @@ def _print_summary(info: dict) -> None:
     t.add_row("masks", f"{m['valid']} valid" if m["present"] else "none")
     t.add_row("captions", "yes" if info["captions"] else "no")
     t.add_row("skipped", str(info["skipped_count"]) + "".join(f"\n  {s['path']}: {s['reason']}" for s in info["skipped"][:10]))
+    bad = info.get("nonfinite", {})
+    if bad.get("images"):
+        t.add_row("NaN/inf pixels", f"{bad['pixels']} in {bad['images']} images (read as 0)")
     if info["ignored_files"]:
         t.add_row("ignored (not scans)", str(info["ignored_files"]))
     out.print(t)
@@ -127,6 +130,9 @@ def convert(
     arrays.save_npz(cfg.out, meta={"config": cfg.model_dump(mode="json")})
     cfg_path = save_config(cfg, cfg.out.with_suffix(".config.yaml"))
     msg = f"wrote {cfg.out}: {len(arrays)} images at {cfg.size}×{cfg.size}×{cfg.channels} (config: {cfg_path})"
+    bad = src.nonfinite_summary()
+    if bad["images"]:
+        msg += f"; {bad['pixels']} NaN/inf pixels in {bad['images']} images were set to 0"
     if src.skipped:
         msg += f"; skipped {len(src.skipped)} unreadable: " + ", ".join(f"{s.path} ({s.reason})" for s in src.skipped[:5])
     console.print(msg, highlight=False)
@@ -160,7 +166,7 @@ def phantoms(
 @app.command("gt-rois")
 @handle_errors
 def gt_rois_cmd(
-    source: Annotated[Path, typer.Argument(help="npz with masks and mask_valid.")],
+    source: Annotated[Path, typer.Argument(help="npz with masks (+ mask_valid; without it every mask is an annotation).")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT.jsonl", help="ROI manifest to write.")],
     expand: Annotated[float, typer.Option(help="Box margin ratio per side (as mwm localize).")] = 0.1,
     box_mode: Annotated[str, typer.Option(help="union (one box) or per_component.")] = "union",

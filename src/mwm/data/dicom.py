@@ -188,7 +188,8 @@ def _grey(arr: np.ndarray, ds: Dataset, frame: int | None, options: ReadOptions)
 def load(path: Path, key: object, options: ReadOptions) -> np.ndarray:
     """Decode one frame (``key`` = frame index, None for single-frame files).
 
-    Returns float32 C-contiguous ``(H, W)`` for grey-scale or ``(H, W, 3)`` for colour, in [0, 1].
+    Returns float32 C-contiguous ``(H, W)`` for grey-scale or ``(H, W, 3)`` for colour, in [0, 1]; NaN where
+    the stored value is not finite (Float Pixel Data).
     """
     path = Path(path)
     ds = _read(path, header_only=False)
@@ -207,7 +208,7 @@ def load(path: Path, key: object, options: ReadOptions) -> np.ndarray:
         out = _grey(arr, ds, frame, options)
     else:
         raise ReadError(str(path), f"pixel data of shape {arr.shape} is not one 2D image")
-    out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
+    # NaN (from non-finite float pixel data) stays: the source counts and replaces it
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
 

@@ -30,7 +30,8 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 
 @dataclass(frozen=True)
 class Loader:
-    """expand(path, options) -> list of (id suffix, key); load(path, key, options) -> float32 (H, W[, 3]) in [0, 1]."""
+    """expand(path, options) -> list of (id suffix, key); load(path, key, options) -> float32 (H, W[, 3]) in [0, 1],
+    NaN where the stored value is not finite (:class:`~mwm.data.source.ImageSource` counts and replaces those)."""
 
     name: str
     expand: Callable[[Path, ReadOptions], list[tuple[str, object]]]
@@ -99,6 +100,10 @@ class FileSource(ImageSource):
         self._ids = [it.id for it in items]
         self._labels = [it.label for it in items]
         self._splits = [it.split for it in items]
+
+    @property
+    def where(self) -> str:
+        return str(self.items[0].path) if self.kind == "file" and self.items else str(self.root)
 
     def _read(self, i: int) -> Sample:
         it = self.items[i]
@@ -193,7 +198,8 @@ def file_source(path: Path, options: ReadOptions) -> FileSource:
 def csv_source(path: Path, options: ReadOptions) -> FileSource:
     """A CSV with columns ``path,label`` (and optionally ``split``); paths are relative to the CSV's folder.
 
-    Labels may be class names (sorted to indices) or integers.
+    Labels may be class names (sorted to indices) or integers; a blank label or a negative integer means
+    unlabelled (-1).
     """
     path = Path(path)
     with open(path, newline="") as f:
@@ -210,16 +216,16 @@ def csv_source(path: Path, options: ReadOptions) -> FileSource:
         raise DataError(f"{path}: {len(missing)} of {len(rows)} listed files do not exist (relative to {base}), "
                         f"e.g. {missing[:3]}. Fix the paths or remove those rows.")
     raw = [r.get("label", "") for r in rows]
-    if all(v == "" for v in raw):
+    given = [v for v in raw if v != ""]  # a blank cell is "unlabelled", never a class named ""
+    if not given:
         names: list[str] = []
         labels = [-1] * len(rows)
-    elif all(v.lstrip("-").isdigit() for v in raw):
-        ints = [int(v) for v in raw]
-        names = [str(k) for k in range(max(ints) + 1)]
-        labels = ints
+    elif all(v.lstrip("-").isdigit() for v in given):
+        labels = [max(int(v), -1) if v else -1 for v in raw]
+        names = [str(k) for k in range(max(labels) + 1)]
     else:
-        names = sorted(set(raw))
-        labels = [names.index(v) for v in raw]
+        names = sorted(set(given))
+        labels = [names.index(v) if v else -1 for v in raw]
     splits = []
     for r in rows:
         s = r.get("split", "")

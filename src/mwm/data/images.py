@@ -30,7 +30,8 @@ def load(path: Path, key: object, options: ReadOptions) -> np.ndarray:
     """Decode to float32 ``(H, W)`` (gray) or ``(H, W, 3)`` (colour) in [0, 1].
 
     8-bit data is divided by 255; 16-bit / 32-bit data is min–max scaled per image
-    (``auto``/``minmax``) or windowed when a window is given (raw values as HU).
+    (``auto``/``minmax``) or windowed when a window is given (raw values as HU). Non-finite float pixels come out
+    as NaN (the source counts them and sets them to 0).
     """
     try:
         with Image.open(path) as im:

@@ -49,7 +49,8 @@ def _class_balance(labels: list[int], splits: list[str], names: list[str]) -> di
 
 
 def inspect_source(src: ImageSource) -> dict:
-    """count, sizes, channels, dtype, class balance per split, masks, captions, skipped files."""
+    """count, sizes, channels, dtype, class balance per split, masks, captions, skipped files, and ``nonfinite``:
+    images / pixels that were NaN or inf (read as 0)."""
     info: dict = {"path": str(src.root), "format": src.kind}
     if isinstance(src, NpzSource):
         imgs = src.images
@@ -81,6 +82,7 @@ def inspect_source(src: ImageSource) -> dict:
         "skipped_count": len(src.skipped),
         "skipped": [{"path": s.path, "reason": s.reason} for s in src.skipped[:50]],
         "ignored_files": src.ignored_files,
+        "nonfinite": src.nonfinite_summary(),
     })
     return info
 

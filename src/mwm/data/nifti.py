@@ -27,7 +27,8 @@ Items and ids
 Intensity (per volume, per time point for 4D, so slices of one volume share a scale)
     custom window (CT presets / center+width) → linear window of the stored values
     (after scl_slope/scl_inter, i.e. HU for CT); ``auto`` → the 0.5–99.5 percentile
-    window of the volume; ``minmax`` → the volume's min–max.
+    window of the volume; ``minmax`` → the volume's min–max (both over the finite voxels). NaN/inf voxels
+    become 0 in :class:`~mwm.data.source.ImageSource`, which warns once with their count.
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ def _display(s: np.ndarray) -> np.ndarray:
 
 
 def load(path: Path, key: object, options: ReadOptions) -> np.ndarray:
-    """One slice: key ``(axis, t, k)`` from :func:`expand` → float32 C-contiguous (H, W) in [0, 1]."""
+    """One slice: key ``(axis, t, k)`` from :func:`expand` → float32 C-contiguous (H, W) in [0, 1], NaN where a
+    voxel is not finite (the source counts those and sets them to 0)."""
     path = Path(path)
     axis, t, k = (int(v) for v in key)  # type: ignore[union-attr]
     vol = _volume(path, options)
@@ -210,8 +212,10 @@ def load(path: Path, key: object, options: ReadOptions) -> np.ndarray:
         raise ReadError(str(path), f"slice {k} of volume {t} along axis {axis} is outside the shape {vol.data.shape}")
     s = np.take(vol.data[..., t], k, axis=axis)
     window = vol.windows[t]
-    out = apply_window(s, *window) if window is not None else np.zeros_like(s, dtype=np.float32)
-    out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
+    if window is not None:
+        out = apply_window(s, *window)
+    else:  # constant volume; NaN stays NaN so the source counts and replaces it
+        out = np.where(np.isfinite(s), np.float32(0.0), np.float32(np.nan)).astype(np.float32)
     return _display(out).astype(np.float32, copy=False)
 
 

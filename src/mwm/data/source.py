@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ReadError
 from .types import ReadOptions, Sample
 
@@ -25,6 +27,10 @@ class ImageSource:
 
     Ids are stable: the path relative to the dataset root (``#…`` suffix for a
     frame or slice inside a file), or for npz files the stored filename / index.
+
+    Non-finite pixels (NaN, ±inf; loaders hand them on as NaN) are set to 0, black — the low end of every
+    window — so none reaches training; ``nonfinite`` counts them per image id and one warning per source says
+    how many (after a full pass of :meth:`iter_samples`, or at the first such image read by :meth:`read`).
     """
 
     kind: str = "?"
@@ -38,6 +44,8 @@ class ImageSource:
         self._ids: list[str] = []
         self._labels: list[int] = []
         self._splits: list[str] = []
+        self.nonfinite: dict[str, int] = {}  # image id -> pixels that were NaN/inf and are now 0
+        self._nonfinite_warned = False
 
     # -- to be provided by readers -------------------------------------------------
     def _read(self, i: int) -> Sample:  # pragma: no cover - abstract
@@ -67,7 +75,35 @@ class ImageSource:
 
     def read(self, i: int) -> Sample:
         """Decode image ``i``; raises :class:`ReadError` naming the file when it cannot."""
-        return self._read(i)
+        s = self._clean(self._read(i))
+        if s.id in self.nonfinite and not self._nonfinite_warned:
+            # random access has no end to report a total at: say it for the first image, count the rest
+            self._warn_nonfinite(f"{s.id} has {self.nonfinite[s.id]} non-finite pixel(s) (NaN/inf)",
+                                 " Later images like it are set to 0 without another warning "
+                                 "(`mwm data inspect` counts them all).")
+        return s
+
+    def _clean(self, s: Sample) -> Sample:
+        """Set non-finite pixels of ``s.image`` to 0 and count them under its id."""
+        bad = ~np.isfinite(s.image)
+        if bad.any():
+            self.nonfinite[s.id] = int((bad.any(-1) if bad.ndim == 3 else bad).sum())
+            s.image = np.where(bad, np.float32(0.0), s.image).astype(np.float32, copy=False)
+        return s
+
+    @property
+    def where(self) -> str:
+        """The dataset as messages name it (the folder, npz, CSV, or the one file)."""
+        return str(self.root)
+
+    def _warn_nonfinite(self, what: str, tail: str = "") -> None:
+        self._nonfinite_warned = True
+        warnings.warn(f"{self.where}: {what}; they are set to 0 (black, the low end of the intensity window).{tail}",
+                      stacklevel=3)
+
+    def nonfinite_summary(self) -> dict[str, int]:
+        """``{"images": …, "pixels": …}`` with non-finite pixels among the images read so far (npz: all)."""
+        return {"images": len(self.nonfinite), "pixels": int(sum(self.nonfinite.values()))}
 
     def indices(self, split: str | None = None) -> list[int]:
         """Indices of one split (``None``/"all": every image)."""
@@ -78,14 +114,23 @@ class ImageSource:
     def iter_samples(self, indices: list[int] | None = None, strict: bool | None = None) -> Iterator[Sample]:
         """Yield decoded samples; unreadable ones are recorded in ``skipped`` (or raised when strict)."""
         strict = self.options.strict if strict is None else strict
+        n, bad, pixels, first = 0, 0, 0, None
         for i in range(len(self)) if indices is None else indices:
             try:
-                yield self._read(i)
+                s = self._clean(self._read(i))
             except ReadError as e:
                 if strict:
                     raise
                 self.skipped.append(Skipped(e.path, e.reason))
                 warnings.warn(str(e), stacklevel=2)
+                continue
+            n += 1
+            if s.id in self.nonfinite:
+                bad, pixels, first = bad + 1, pixels + self.nonfinite[s.id], first or s.id
+            yield s
+        if bad and not self._nonfinite_warned:
+            self._warn_nonfinite(f"{bad} of {n} images have non-finite pixels (NaN/inf; {pixels} pixels in all, "
+                                 f"first: {first})")
 
     def skip_summary(self) -> dict[str, int]:
         return dict(Counter(s.reason for s in self.skipped))

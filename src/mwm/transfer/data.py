@@ -63,7 +63,9 @@ def load_labelled(data: str | Path, size: int, read: ReadOptions | None = None, 
                   progress=None) -> LabelledData:
     """Decode ``data`` at ``size`` (3 channels) with labels/masks and a train/val/test split.
 
-    Raises :class:`DataError` naming the source when labels/masks/splits are missing.
+    Raises :class:`DataError` naming the source when labels/masks/splits are missing. With ``need_labels``, images
+    without a class label (label < 0, e.g. -1 = unlabelled) are kept here but warned about once with their count:
+    classification leaves them out.
     """
     from ..data import decode, open_source
 
@@ -77,6 +79,10 @@ def load_labelled(data: str | Path, size: int, read: ReadOptions | None = None, 
     if need_labels and (not ds.label_names or (labels < 0).all()):
         raise DataError(f"{data}: no class labels; use an npz with 'labels', an ImageFolder (one folder per "
                         "class) or a CSV with a label column")
+    n_unlabelled = int((labels < 0).sum())
+    if need_labels and n_unlabelled:
+        warnings.warn(f"{data}: {n_unlabelled} of {len(labels)} images have no class label (label < 0; -1 = "
+                      "unlabelled); they are left out of classification", stacklevel=2)
     split = np.asarray(ds.split, dtype=str)
     present = {s for s in split if s}
     if not {"train", "test"} <= present:
