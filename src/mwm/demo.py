@@ -104,7 +104,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
         ls = localize(LocalizeConfig(data=ph_path, out=loc_dir, vlm=str(vlm_dir), prompts_file=prompts,
                                      prompt="a lesion", batch_size=32, gallery=12, expand=0.1, device="cpu",
                                      m2ib={"noise_copies": cfg.noise_copies}),
-                      log=lambda s: None)
+                      log=lambda s: None, overwrite=True)  # the demo rebuilds its data and CLIP every run
     lesion = ph.labels > 0
     ev = evaluate_manifest(loc_dir / "rois.jsonl", ph_path, random_baseline=True, seed=cfg.seed)
     es = ev.summary

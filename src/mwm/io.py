@@ -139,6 +139,20 @@ def lock_folder(folder: str | Path, name: str = LOCK_NAME, what: str = "run") ->
                 os.remove(path)
 
 
+def lock_holder(path: str | Path) -> dict | None:
+    """Who holds the lock file ``path``: its info dict (``{}`` while a new lock is still being written), or None
+    when the file is absent or its holder is gone (a stale lock)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    info = _read_lock(path)
+    if not info:
+        import time
+
+        return {} if time.time() - _mtime(path) < 2 else None
+    return None if _lock_is_stale(info) else info
+
+
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime

@@ -24,7 +24,7 @@ def localize(
     steps: Annotated[Optional[int], typer.Option(help="M2IB optimisation steps. [default: 10]")] = None,
     noise_copies: Annotated[Optional[int], typer.Option(help="M2IB noisy copies per step. [default: 10]")] = None,
     feature_norm: Annotated[Optional[str], typer.Option(help="M2IB: standardize (IBA) or none (reference). [default: standardize]")] = None,
-    binarize: Annotated[Optional[str], typer.Option(help="kmeans, otsu or threshold. [default: kmeans]")] = None,
+    binarize: Annotated[Optional[str], typer.Option(help="kmeans, otsu, threshold or crf (MedCLIP-SAMv2's dense CRF; pip install 'mwm[crf]'). [default: kmeans]")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Threshold for --binarize threshold.")] = None,
     components: Annotated[Optional[int], typer.Option(help="Keep the k largest components. [default: 1]")] = None,
     box_mode: Annotated[Optional[str], typer.Option(help="union (one box) or per_component.")] = None,
@@ -40,6 +40,9 @@ def localize(
     save_masks: Annotated[Optional[bool], typer.Option("--save-masks", help="Write binary mask PNGs.")] = None,
     gallery: Annotated[Optional[int], typer.Option(help="Images in the HTML gallery. [default: 24]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Noise seed. [default: 0]")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete what an earlier run wrote in --out (manifest, "
+                                            "parts, meta, saliency, masks, gallery) and start over. Without it, "
+                                            "a folder holding other settings is an error.")] = False,
     config: ConfigOpt = None, set_: SetOpt = None, window: Window = None, window_center: WindowCenter = None,
     window_width: WindowWidth = None, axis: Axis = None, slice_start: SliceStart = None, slice_stop: SliceStop = None,
     skip_empty: SkipEmpty = None, labels: Labels = None, strict: Strict = None,
@@ -47,13 +50,14 @@ def localize(
     """Localize a text prompt in every scan (M2IB saliency → binarize → components → [SAM] → box).
 
     Writes OUT/rois.jsonl (one line per image), OUT/meta.json, OUT/config.yaml and OUT/index.html.
-    Re-running resumes: images already in the manifest are skipped.
+    Re-running with the same settings resumes (images already in the manifest are skipped); other
+    settings are an error naming what differs, unless --overwrite.
 
     Example: mwm localize scans/ --prompt "brain tumor" --vlm ./biomedclip --out rois/
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..config import resolve, save_config
+    from ..config import resolve
     from ..localize.pipeline import LocalizeConfig, localize as run
 
     opts = {"data": data, "out": out, "prompt": prompt, "prompts_file": prompts_file, "vlm": vlm,
@@ -70,12 +74,10 @@ def localize(
 
         raise MWMError("give --out DIR for the manifest and gallery")
     cfg = resolve(LocalizeConfig, config, set_, opts)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.out / "config.yaml")
     with Progress(TextColumn("localize"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
                   transient=True) as bar:
         task = bar.add_task("localize", total=None)
-        summary = run(cfg, progress=lambda k: bar.advance(task, k))
+        summary = run(cfg, progress=lambda k: bar.advance(task, k), overwrite=overwrite)
     console.print(f"{summary['processed']} images localized ({summary['ok']} ok, {summary['failed']} without ROI), "
                   f"{summary['skipped_done']} already done, in {summary['seconds']}s → {summary['manifest']}; "
                   f"gallery: {cfg.out / 'index.html'}", highlight=False)

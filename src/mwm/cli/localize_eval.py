@@ -39,7 +39,8 @@ def _print_table(s: dict, cfg: LocalizeEvalConfig) -> None:
         t.add_row(label, _fmt(s[k]), *([_fmt(s[f"random_{k}"])] if cfg.random_baseline else []))
     out.print(t)
     out.print(f"scored {s['n']} of {s['n_manifest']} manifest images; left out: {s['n_no_gt']} without ground truth, "
-              f"{s['n_empty_gt']} with an empty mask; {s['n_failed']} localization failures (scored as given); "
+              f"{s['n_empty_gt']} with an empty mask (no lesion; {s['n_false_positive']} of them got an ROI: "
+              f"false positives); {s['n_failed']} localization failures (scored as given); "
               f"{s['n_missing']} annotated images not in the manifest", highlight=False)
 
 

@@ -7,9 +7,13 @@ Per image, ``R_p`` is the union of the manifest's boxes rasterized at the ground
 * occlusion recall ``|R_p ∩ R_gt| / |R_gt|`` — how much of the target we would mask;
 * Dice ``2|R_p ∩ R_gt| / (|R_p| + |R_gt|)`` and IoU ``|R_p ∩ R_gt| / |R_p ∪ R_gt|``.
 
-Images without a valid ground truth, or with an empty one, are left out of the means and counted
-(``n_no_gt``, ``n_empty_gt``); an empty prediction on a non-empty mask scores 0 on all four. Ground-truth
-images absent from the manifest are counted as ``n_missing``. The random-box baseline moves each box,
+Images without a valid ground truth are left out and counted (``n_no_gt``). Images whose valid mask is
+empty have no lesion: recall (and so Dice/IoU) is undefined there, so they are left out of the four means
+too and counted (``n_empty_gt``); an ROI predicted on one is a **false positive** (``false_positive`` per
+image: its boxes cover at least one mask pixel; ``n_false_positive`` and ``false_positive_rate`` =
+n_false_positive / n_empty_gt in the summary). An empty prediction on a non-empty mask scores 0 on all
+four. Ground-truth images absent from the manifest are counted as ``n_missing``. A manifest box with a
+NaN/inf coordinate is an error naming its line (never scored as an empty box). The random-box baseline moves each box,
 same width and height, to a uniformly random position inside the image (seeded).
 """
 
@@ -180,7 +184,10 @@ def evaluate_manifest(manifest: str | Path | list[dict], gt: str | Path | Ground
     """
     from .manifest import read_manifest
 
-    recs = read_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+    from .manifest import check_records
+
+    # records given directly go through the same contract as a file: NaN boxes are an error, not a 0 score
+    recs = read_manifest(manifest) if isinstance(manifest, (str, Path)) else check_records(list(manifest), "manifest")
     if not recs:
         raise DataError(f"{manifest}: the manifest has no records to evaluate")
     g = gt if isinstance(gt, GroundTruth) else load_ground_truth(gt)
@@ -209,13 +216,11 @@ def evaluate_manifest(manifest: str | Path | list[dict], gt: str | Path | Ground
             row["gt"] = "no_gt"
             continue
         m = g.masks[i]
-        if not np.any(m):
-            row["gt"] = "empty_gt"
-            continue
-        row["gt"] = "ok"
+        # an empty valid mask: no lesion; rasterized too, to tell a false positive from a true negative
+        row["gt"] = "ok" if np.any(m) else "empty_gt"
         h, w = m.shape[:2]
         rw, rh = r.get("width") or 0, r.get("height") or 0
-        if rw > 0 and rh > 0 and abs((w / h) / (rw / rh) - 1) > 0.01:
+        if row["gt"] == "ok" and rw > 0 and rh > 0 and abs((w / h) / (rw / rh) - 1) > 0.01:
             aspect_mismatch += 1
         groups.setdefault((h, w), []).append(j)
 
@@ -229,6 +234,11 @@ def evaluate_manifest(manifest: str | Path | list[dict], gt: str | Path | Ground
                 cols = {k: v.tolist() for k, v in res.items()}
                 for n, j in enumerate(chunk):
                     row = rows[j]
+                    if row["gt"] == "empty_gt":
+                        if not prefix:
+                            row.update(gt_area=0, pred_area=cols["pred_area"][n], intersection=0,
+                                       false_positive=cols["pred_area"][n] > 0)
+                        continue
                     if not prefix:
                         row.update(gt_area=cols["gt_area"][n], pred_area=cols["pred_area"][n],
                                    intersection=cols["intersection"][n])
@@ -243,8 +253,11 @@ def evaluate_manifest(manifest: str | Path | list[dict], gt: str | Path | Ground
     missing = [g.ids[i] for i in range(len(g.ids)) if g.valid[i] and i not in matched]
     summary: dict = {"n": len(scored)}
     summary.update({k: _mean([row[k] for row in scored]) for k in METRICS})
+    n_empty = sum(row["gt"] == "empty_gt" for row in rows)
+    n_fp = sum(bool(row.get("false_positive")) for row in rows)
     summary.update(n_manifest=len(recs), n_no_gt=sum(row["gt"] == "no_gt" for row in rows),
-                   n_empty_gt=sum(row["gt"] == "empty_gt" for row in rows), n_missing=len(missing),
+                   n_empty_gt=n_empty, n_false_positive=n_fp,
+                   false_positive_rate=n_fp / n_empty if n_empty else None, n_missing=len(missing),
                    n_failed=sum(row["status"] != "ok" for row in rows), n_aspect_mismatch=aspect_mismatch)
     if random_baseline:
         summary.update({f"random_{k}": _mean([row[f"random_{k}"] for row in scored]) for k in METRICS})
@@ -257,11 +270,12 @@ def evaluate_manifest(manifest: str | Path | list[dict], gt: str | Path | Ground
                       "manifest's width/height; boxes are fractions of the image the manifest describes, so check "
                       "that the masks belong to the same (unpadded, uncropped) images", stacklevel=2)
     if not scored:
-        warnings.warn("no manifest image has a non-empty ground-truth mask; the means are undefined", stacklevel=2)
+        warnings.warn("no manifest image has a non-empty ground-truth mask; the means are undefined"
+                      + (f" ({n_fp} of {n_empty} lesion-free images got an ROI)" if n_empty else ""), stacklevel=2)
     return EvalResult(summary, rows)
 
 
-CSV_COLUMNS = ["image", "status", "gt", "n_boxes", "gt_area", "pred_area", "intersection", *METRICS]
+CSV_COLUMNS = ["image", "status", "gt", "n_boxes", "gt_area", "pred_area", "intersection", *METRICS, "false_positive"]
 RANDOM_COLUMNS = ["random_pred_area", "random_intersection", *(f"random_{k}" for k in METRICS)]
 
 

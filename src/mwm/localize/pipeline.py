@@ -4,13 +4,24 @@ Resumable and shardable: every finished batch is appended to the manifest as who
 write (a run killed mid-write leaves at most one truncated last line, which the reader drops), and
 images already in the manifest are skipped on the next run. ``--shard i/n`` takes every n-th image
 and writes ``rois.part-i-of-n.jsonl``; whichever run finds every image done merges the parts into
-``rois.jsonl`` in dataset order.
+``rois.jsonl`` in dataset order (one atomic rename, so two shards finishing together cannot tear it).
+
+One output folder holds one configuration. ``meta.json`` records the *settings* — everything that
+shapes the ROIs (:func:`run_settings`) — and a run into a folder whose settings differ stops with an
+error naming what differs, unless ``overwrite`` starts over. The settings are claimed atomically (a
+hard link of a complete meta.json), so of two runs started together with other settings, one fails.
+Each run holds a folder lock (``.mwm.lock``; shard ``i/n``: ``.mwm.lock-shard-i-of-n``, so the shards
+of one run share the folder) and refuses to start beside a run of the other kind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +35,7 @@ from .. import __version__
 from ..config import atomic_write_text
 from ..data import ReadOptions, open_source
 from ..data.transforms import Fit, to_tensor
-from ..errors import DataError, ReadError
+from ..errors import DataError, MWMError, ReadError
 from .m2ib import M2IBConfig, m2ib_saliency, resolve_layer
 
 
@@ -40,7 +51,7 @@ class LocalizeConfig(BaseModel):
     vlm: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
     vlm_pretrained: str | None = None
     m2ib: M2IBConfig = M2IBConfig()
-    binarize: Literal["kmeans", "otsu", "threshold"] = "kmeans"
+    binarize: Literal["kmeans", "otsu", "threshold", "crf"] = "kmeans"
     threshold: float = Field(default=0.5, ge=0, le=1)
     components: int = Field(default=1, ge=1, description="keep the k largest connected components")
     box_mode: Literal["union", "per_component"] = "union"
@@ -85,16 +96,37 @@ def pick_device(spec: str) -> torch.device:
 
 
 # -- prompts -----------------------------------------------------------------------------------
-def prompt_resolver(cfg: LocalizeConfig, label_names: list[str]):
-    """A function (image id, label) → prompt: image id, then class name, then ``default``, then --prompt."""
-    table: dict[str, str] = {}
-    if cfg.prompts_file is not None:
-        try:
-            table = json.loads(Path(cfg.prompts_file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{cfg.prompts_file}: cannot read the prompts JSON ({e})") from e
-        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
-            raise DataError(f"{cfg.prompts_file}: expected a JSON object mapping image ids or class names to prompt strings")
+def read_prompts_file(path: str | Path) -> tuple[dict[str, str], bytes]:
+    """A prompts JSON (``{image id or class name or "default": prompt}``) → (table, the file's bytes).
+
+    Raises :class:`DataError` naming the file (and the line, for text that is not UTF-8 or not JSON).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the prompts file ({e.strerror or e})") from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: the prompts file is not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as "
+                        'UTF-8 JSON, e.g. {"default": "brain tumor"}') from None
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: the prompts file is not valid JSON ({e.msg} at column {e.colno}); "
+                        'it must be one JSON object, e.g. {"default": "brain tumor"}') from None
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise DataError(f"{path}: expected a JSON object mapping image ids or class names to prompt strings")
+    return table, raw
+
+
+def prompt_resolver(cfg: LocalizeConfig, label_names: list[str], table: dict[str, str] | None = None):
+    """A function (image id, label) → prompt: image id, then class name, then ``default``, then --prompt.
+    ``table``: the prompts file already read (:func:`read_prompts_file`); default: read ``cfg.prompts_file``."""
+    if table is None:
+        table = read_prompts_file(cfg.prompts_file)[0] if cfg.prompts_file is not None else {}
     if cfg.prompt is None and not table:
         raise DataError("give a prompt: --prompt 'brain tumor', or --prompts-file prompts.json")
 
@@ -153,6 +185,212 @@ def append_lines(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+# -- one configuration per folder ----------------------------------------------------------------
+#: LocalizeConfig fields that do not change any ROI: a run may resume a folder with other values of these
+RUN_ONLY_FIELDS = frozenset({"out", "batch_size", "device", "gallery", "limit", "shard", "save_saliency", "save_masks"})
+#: what ``overwrite`` deletes (files, then folders), besides ``rois.part-*-of-*.jsonl``
+OUTPUT_FILES = ("rois.jsonl", "meta.json", "config.yaml", "index.html")
+OUTPUT_DIRS = ("saliency", "masks", "gallery")
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def _path_or_name(v: str | None) -> str | None:
+    """A local file/folder as its absolute path (so the same folder matches from any working directory);
+    a hub or built-in name as given."""
+    if v is None:
+        return None
+    p = Path(v).expanduser()
+    return str(p.resolve()) if p.exists() else v
+
+
+def run_settings(cfg: LocalizeConfig, ids: list[str], prompts_bytes: bytes | None) -> dict:
+    """The settings that shape the ROIs: what must be equal for two runs to share one manifest.
+
+    Every config field but :data:`RUN_ONLY_FIELDS`, with the data as its name + a digest of its image ids
+    (a moved or node-local copy of the same data matches), the prompts file as a digest of its content
+    (an edited file does not match), local VLM/SAM paths made absolute, and settings that a run does not
+    use (``threshold`` unless ``binarize=threshold``, ``sam_type`` without SAM) left out.
+    """
+    d = cfg.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS))
+    d["data"] = {"name": Path(cfg.data).expanduser().resolve().name, "n_images": len(ids),
+                 "ids": _digest("\n".join(ids).encode("utf-8", "surrogatepass"))}
+    d["prompts_file"] = None if prompts_bytes is None else _digest(prompts_bytes)
+    for k in ("vlm", "vlm_pretrained", "sam"):
+        d[k] = _path_or_name(d[k])
+    if cfg.binarize != "threshold":
+        d["threshold"] = None
+    if cfg.sam is None:
+        d["sam_type"] = None
+    return d
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """``["vlm: 'a' there, 'b' now", …]`` for every setting (dotted, e.g. ``m2ib.steps``) that differs.
+
+    Only settings both record are compared: a setting added to (or removed from) a later mwm must not stop
+    every older folder from resuming.
+    """
+    fo, fn = _flat(old), _flat(new)
+    return [f"{k}: {fo[k]!r} there, {fn[k]!r} now" for k in sorted(fo.keys() & fn.keys()) if fo[k] != fn[k]]
+
+
+def _stored_settings(meta: dict) -> dict | None:
+    """The settings a meta.json records; for one written before settings were recorded, its config less
+    the run-only fields (data and prompts file by name only)."""
+    if isinstance(meta.get("settings"), dict):
+        return meta["settings"]
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict):
+        return None
+    d = {k: v for k, v in cfg.items() if k not in RUN_ONLY_FIELDS}
+    for k in ("data", "prompts_file"):
+        if d.get(k) is not None:
+            d[k] = Path(str(d[k])).name
+    return d
+
+
+def _legacy_view(cfg: LocalizeConfig) -> dict:
+    """Our settings in the shape :func:`_stored_settings` gives an old meta.json."""
+    d = cfg.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS))
+    for k in ("data", "prompts_file"):
+        if d.get(k) is not None:
+            d[k] = Path(str(d[k])).name
+    return d
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the run's meta.json ({e}); it records the settings of the ROIs "
+                        "in this folder. Choose another --out, or pass --overwrite to start over") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not a localize meta.json (a JSON object); choose another --out or pass --overwrite")
+    return meta
+
+
+def check_settings(out: Path, settings: dict, cfg: LocalizeConfig, meta: dict | None = None) -> None:
+    """Raise :class:`MWMError` naming every difference when ``out/meta.json`` records other settings."""
+    path = out / "meta.json"
+    if meta is None:
+        if not path.is_file():
+            return
+        meta = _read_meta(path)
+    stored = _stored_settings(meta)
+    if stored is None:
+        return
+    diff = settings_diff(stored, settings if "settings" in meta else _legacy_view(cfg))
+    if diff:
+        # "loses nothing" only when no ROI is written and no other run (the lock we hold is one) may write some
+        has_rois = (out / "rois.jsonl").is_file() or any(out.glob("rois.part-*-of-*.jsonl")) or len(
+            _live_locks(out, "")) > 1
+        raise MWMError(f"{out} holds a localize run with other settings ({'; '.join(diff)}). A folder holds one "
+                       "configuration, so its ROIs are not resumed with these: use the same settings to resume, "
+                       "choose another --out, or pass --overwrite to delete its manifest, saliency, masks and "
+                       "gallery and start over" + ("" if has_rois else " (it has no ROI records yet, so "
+                                                   "--overwrite loses nothing)"))
+
+
+def claim_settings(out: Path, meta: dict, cfg: LocalizeConfig) -> None:
+    """Write ``out/meta.json`` unless it records other settings (then :func:`check_settings` raises).
+
+    A fresh folder is claimed with ``os.link`` of a complete temporary file — atomic, and failing when
+    another run created meta.json first — so two runs started together with other settings cannot both
+    pass; a run with the same settings replaces meta.json (atomically) with its own config.
+    """
+    path = out / "meta.json"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".meta.json.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=2))
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            pass
+        except OSError:
+            pass  # a file system without hard links: check, then replace (a narrow race remains)
+        check_settings(out, meta["settings"], cfg)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _lock_name(shard: tuple[int, int]) -> str:
+    i, n = shard
+    return ".mwm.lock" if n == 1 else f".mwm.lock-shard-{i}-of-{n}"
+
+
+def _live_locks(out: Path, mine: str) -> list[tuple[Path, dict]]:
+    """Other lock files in ``out`` whose process still runs (a lock being written right now counts)."""
+    from ..io import lock_holder
+
+    held = [(p, lock_holder(p)) for p in sorted(out.glob(".mwm.lock*")) if p.name != mine]
+    return [(p, info) for p, info in held if info is not None]
+
+
+def _check_other_runs(out: Path, shard: tuple[int, int], overwrite: bool) -> None:
+    """Shards of one run share a folder; an unsharded run does not run beside shards, nor ``overwrite``
+    beside anything (it would delete their work)."""
+    mine = _lock_name(shard)
+    for p, info in _live_locks(out, mine):
+        shard_lock = p.name.startswith(".mwm.lock-shard-")
+        if overwrite:
+            why = "--overwrite would delete its work; wait for it to finish"
+        elif shard[1] == 1 and shard_lock:
+            why = "it is a shard of a sharded run; finish or stop the shards, or run this as a shard too"
+        elif shard[1] > 1 and p.name == ".mwm.lock":
+            why = "an unsharded run appends to rois.jsonl, which shards replace when they merge; wait for it"
+        else:
+            continue
+        holder = (f"pid {info.get('pid')} on {info.get('host')} (started {info.get('started')}: "
+                  f"{info.get('command', '?')})") if info else "a process that is starting now"
+        raise MWMError(f"{out} is in use by another {info.get('what', 'run')}: {holder}; {why}. If that process "
+                       f"is gone, delete {p}")
+
+
+def clear_outputs(out: Path) -> None:
+    """Delete what `mwm localize` wrote in ``out`` (manifest, parts, meta, config, gallery, saliency, masks)."""
+    for p in [*(out / n for n in OUTPUT_FILES), *out.glob("rois.part-*-of-*.jsonl")]:
+        p.unlink(missing_ok=True)
+    for d in OUTPUT_DIRS:
+        if (out / d).is_dir():
+            shutil.rmtree(out / d)
+
+
+def _check_done_prompts(out: Path, done: dict[str, dict], idx: list[int], ids: list[str], labels: list[int],
+                        resolve) -> None:
+    """Records already in ``out`` must carry the prompt this run gives their image (catches a folder
+    whose meta.json is missing or predates recorded settings)."""
+    for i in idx:
+        r = done.get(ids[i])
+        if r is None or "prompt" not in r:
+            continue
+        try:
+            want = resolve(ids[i], labels[i])
+        except DataError:
+            continue
+        if r["prompt"] != want:
+            raise MWMError(f"{out}: image {ids[i]!r} was localized with the prompt {r['prompt']!r}, but this run "
+                           f"would use {want!r}. A folder holds one configuration: use the same prompts to resume, "
+                           "choose another --out, or pass --overwrite to start over")
+
+
 # -- the run -------------------------------------------------------------------------------------
 def _gallery_ids(ids: list[str], k: int) -> set[str]:
     """A deterministic, evenly spread sample of ids for the gallery."""
@@ -162,26 +400,45 @@ def _gallery_ids(ids: list[str], k: int) -> set[str]:
     return set(ids[::step][:k])
 
 
-def localize(cfg: LocalizeConfig, progress=None, log=print) -> dict:
-    """Run the pipeline; returns a summary dict. ``progress(n)`` is called per image processed."""
-    from .postprocess import binarize, expand_boxes, largest_components, mask_to_boxes
+def localize(cfg: LocalizeConfig, progress=None, log=print, overwrite: bool = False) -> dict:
+    """Run the pipeline; returns a summary dict. ``progress(n)`` is called per image processed.
+
+    Resumes what ``cfg.out`` holds when its settings (:func:`run_settings`) equal ``cfg``'s, and raises
+    :class:`MWMError` naming the differences otherwise. ``overwrite``: first delete what an earlier run
+    wrote there (:func:`clear_outputs`) — refused while another localize run holds a lock on the folder.
+    """
+    from ..io import lock_folder
+
+    out = Path(cfg.out)
+    shard = cfg.shard_index()
+    with lock_folder(out, name=_lock_name(shard), what="localize run"):
+        _check_other_runs(out, shard, overwrite)
+        if overwrite:
+            clear_outputs(out)
+        return _localize(cfg, out, shard, progress)
+
+
+def _localize(cfg: LocalizeConfig, out: Path, shard: tuple[int, int], progress) -> dict:
+    from ..config import save_config
+    from .postprocess import binarize, expand_boxes, largest_components, mask_to_boxes, require_crf
     from .vlm import load_vlm
 
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     src = open_source(cfg.data, cfg.read)
-    resolve_prompt = prompt_resolver(cfg, src.label_names)
-    shard = cfg.shard_index()
+    table, prompts_bytes = read_prompts_file(cfg.prompts_file) if cfg.prompts_file is not None else ({}, None)
+    resolve_prompt = prompt_resolver(cfg, src.label_names, table)
+    ids = src.ids
+    settings = run_settings(cfg, ids, prompts_bytes)
+    check_settings(out, settings, cfg)  # before any slow work; claim_settings repeats it atomically
     all_idx = src.indices(cfg.split)
     if not all_idx:
         raise DataError(f"{cfg.data}: no images in split '{cfg.split}'")
     if cfg.limit:
         all_idx = all_idx[: cfg.limit]
     my_idx = all_idx[shard[0]:: shard[1]]
-    ids = src.ids
     part_path, merged_path = manifest_paths(out, shard)
     done = done_records(out)
+    _check_done_prompts(out, done, all_idx, ids, src.labels, resolve_prompt)
     todo = [i for i in my_idx if ids[i] not in done]
     gallery_ids = _gallery_ids([ids[i] for i in all_idx], cfg.gallery)
 
@@ -195,7 +452,10 @@ def localize(cfg: LocalizeConfig, progress=None, log=print) -> dict:
 
         sam = load_sam(cfg.sam, sam_type=cfg.sam_type, device=str(device))
     resolve_layer(cfg.m2ib.layer, len(vlm.stages.blocks))  # fail before any work on a bad --layer
-    _write_meta(cfg, out, vlm, len(all_idx))
+    if cfg.binarize == "crf":
+        require_crf()  # likewise on a missing optional package
+    _write_meta(cfg, out, vlm, len(all_idx), settings)
+    save_config(cfg, out / "config.yaml")  # after the settings check: a refused run leaves the folder as it was
 
     # text embeddings: once per distinct prompt
     prompts_of = {i: resolve_prompt(ids[i], src.labels[i]) for i in todo}
@@ -221,6 +481,12 @@ def localize(cfg: LocalizeConfig, progress=None, log=print) -> dict:
                 recs.append(_record(s.id, w, h, prompts_of[i], [], "too_small",
                                     note=f"{w}x{h} px is smaller than the VLM's {grid[1]}x{grid[0]} patch grid"))
                 continue
+            if _is_constant(s.image):
+                # M2IB on a blank image still gives a varied map (the VLM's position embeddings), which
+                # min–max normalization stretches to [0, 1]: decide here, before any saliency is computed
+                recs.append(_record(s.id, w, h, prompts_of[i], [], "constant_saliency",
+                                    note="every pixel has the same value: nothing to localize"))
+                continue
             samples.append((i, s))
         if samples:
             imgs01 = torch.stack([to_tensor(s.image, size, 3, cfg.resize) for _, s in samples]).to(device)
@@ -229,7 +495,7 @@ def localize(cfg: LocalizeConfig, progress=None, log=print) -> dict:
             res = m2ib_saliency(vlm.stages, pixels, temb, cfg.m2ib, keys=[s.id for _, s in samples],
                                 out_size=(size, size))
             sal = res.saliency
-            binary, status = binarize(sal, cfg.binarize, cfg.threshold)
+            binary, status = binarize(sal, cfg.binarize, cfg.threshold, image=imgs01)
             kept = largest_components(binary, cfg.components)
             for j, (i, s) in enumerate(samples):
                 h, w = s.image.shape[:2]
@@ -280,6 +546,17 @@ def localize(cfg: LocalizeConfig, progress=None, log=print) -> dict:
     return summary
 
 
+def _is_constant(image: np.ndarray) -> bool:
+    """True for an image whose pixels all have one value (all black, all white, …); NaN is not constant."""
+    from .postprocess import CONSTANT_RANGE
+
+    a = np.asarray(image)
+    if a.size == 0:
+        return True
+    lo, hi = float(a.min()), float(a.max())
+    return hi - lo < CONSTANT_RANGE * max(1.0, abs(lo), abs(hi))
+
+
 def _area(boxes: list[list[float]]) -> float:
     from .postprocess import boxes_to_mask
 
@@ -295,7 +572,12 @@ def _record(image_id: str, w: int, h: int, prompt: str, boxes: list, status: str
 
 
 def _safe_name(image_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)
+    """A file name (no extension) for an image's saliency / mask / gallery files: the id with characters
+    other than letters, digits, ``-_.`` replaced by ``_`` (its last 80, no leading dot), then ``-`` and 10
+    hex digits of the id's SHA-1 — so ``a/b.png``, ``a_b.png`` and ``a b.png`` get different files, and an
+    image keeps its name across runs and machines (``a_b.png`` → ``a_b.png-d3cddaada7``)."""
+    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)[-80:].lstrip(".") or "image"
+    return f"{base}-{hashlib.sha1(image_id.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
 
 
 def _save_map(folder: Path, image_id: str, m: torch.Tensor) -> str:
@@ -343,7 +625,7 @@ Each row: scan (as the VLM sees it) · M2IB saliency · binary mask · final box
     return out / "index.html"
 
 
-def _write_meta(cfg: LocalizeConfig, out: Path, vlm, n: int) -> None:
+def _write_meta(cfg: LocalizeConfig, out: Path, vlm, n: int, settings: dict) -> None:
     import importlib.metadata as md
 
     def ver(p: str) -> str | None:
@@ -352,10 +634,10 @@ def _write_meta(cfg: LocalizeConfig, out: Path, vlm, n: int) -> None:
         except md.PackageNotFoundError:
             return None
 
-    meta = {"config": cfg.model_dump(mode="json"), "mwm": __version__, "n_images": n,
+    meta = {"settings": settings, "config": cfg.model_dump(mode="json"), "mwm": __version__, "n_images": n,
             "vlm": {"name": vlm.name, "image_size": list(vlm.image_size), "grid": list(vlm.stages.grid),
                     "blocks": len(vlm.stages.blocks)},
             "m2ib_layer": resolve_layer(cfg.m2ib.layer, len(vlm.stages.blocks)),
             "versions": {p: ver(p) for p in ("torch", "open_clip_torch", "timm", "transformers", "segment-anything")},
             "python": platform.python_version()}
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+    claim_settings(out, meta, cfg)
