@@ -64,7 +64,7 @@ def test_boxes_mapped_from_original_coordinates(tmp_path):
     boxes, stats = join_rois(["a", "b"], np.array([[100, 200], [100, 200]]), rois, 64, "pad")
     want = Fit.of(100, 200, 64, "pad").box([0.0, 0.0, 0.5, 1.0], 100, 200, 64)
     assert np.allclose(boxes[0], [want]) and np.allclose(want, [0.0, 0.25, 0.5, 0.75])
-    assert boxes[1].shape == (0, 4) and stats == {"with_roi": 1, "without_roi": 1, "missing": 0}
+    assert boxes[1].shape == (0, 4) and stats == {"with_roi": 1, "without_roi": 1, "missing": 0, "share": 0.5}
 
 
 def test_roi_strategy_without_rois_is_a_config_error(tiny_npz, tmp_path):

@@ -38,7 +38,9 @@ PART_FILE = "bench_part.json"
 # augmentation is seeded by (seed, epoch, sample), see mwm.train.data; reconstruction previews use their own
 # generator, see mwm.train.recon.)
 PRETRAIN_IGNORED = frozenset({"out", "resume", "workers", "log_every", "checkpoint_every", "recon_every",
-                              "recon_images", "accelerator"})
+                              "recon_images", "accelerator",
+                              # a warning threshold, and a hash the run fills in from `init` itself
+                              "min_roi_share", "init_sha256"})
 TASK_IGNORED = frozenset({"out", "device", "log_every", "examples", "score_thresh"})
 
 State = Literal["missing", "partial", "done", "stale"]

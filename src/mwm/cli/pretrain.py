@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
+from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
 from .common import TaskBars, run_with_bar
 
@@ -28,8 +28,14 @@ class _Bar(TaskBars):
                           f"{info['steps_per_epoch']} steps/epoch; {info['lr_rule']}", highlight=False)
             if info.get("roi_stats"):
                 s = info["roi_stats"]
-                console.print(f"ROIs: {s['with_roi']} images with a box, {s['without_roi']} without, "
-                              f"{s['missing']} not in the manifest", highlight=False)
+                console.print(f"ROIs: {s['with_roi']} images with a box ({s.get('share', 0):.0%}), {s['without_roi']} "
+                              f"without, {s['missing']} not in the manifest", highlight=False)
+            if info.get("init"):
+                i = info["init"]
+                console.print(f"init: {i['source']} (sha256 {i['sha256'][:12]}…, {i['tensors']} tensors"
+                              + (f"; skipped {', '.join(i['skipped'])}" if i["skipped"] else "") + ")", highlight=False)
+            for note in info.get("notes") or []:
+                console.print(f"note: {note}", highlight=False)
         elif kind == "step":
             ratios = f"mask {info['mask_ratio']:.2f}"
             if info.get("mask_ratio_in") is not None:
@@ -43,12 +49,24 @@ class _Bar(TaskBars):
             self.close()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from rich.text import Text
+
+    console.print(Text.assemble(("warning: ", "bold yellow"), str(message)), soft_wrap=True)
+
+
 @handle_errors
 def pretrain(
     data: Annotated[Path, typer.Argument(help="Scans: folder, .npz, .csv or a single file.")],
     out: Annotated[Optional[Path], typer.Option(help="Run folder: config.yaml, checkpoints/, metrics.csv, tb/, "
                                                      "recon/, encoder.pth.")] = None,
     rois: Annotated[Optional[Path], typer.Option(help="rois.jsonl from `mwm localize` (joined by image id).")] = None,
+    min_roi_share: Annotated[Optional[float], typer.Option(help="ROI-guided masking warns (with --strict: fails) "
+                                                                "when fewer of the images have an ROI box. "
+                                                                "[default: 0.5]")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Encoder init: none, imagenet (timm's weights for --arch; "
+                                                     "online) or a file: a timm checkpoint (.pth/.safetensors) or "
+                                                     "RUN/encoder.pth (continued pretraining). [default: none]")] = None,
     allow_missing_rois: Annotated[Optional[bool], typer.Option("--allow-missing-rois", help="Images missing from "
                                                                "the manifest get no ROI instead of an error.")] = None,
     masking: Annotated[Optional[str], typer.Option(help="random, roi (MWM two-level), roi_overall, soft or topk. "
@@ -95,7 +113,10 @@ def pretrain(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     config: ConfigOpt = None, set_: SetOpt = None, window: Window = None, window_center: WindowCenter = None,
     window_width: WindowWidth = None, axis: Axis = None, slice_start: SliceStart = None, slice_stop: SliceStop = None,
-    skip_empty: SkipEmpty = None, labels: Labels = None, strict: Strict = None,
+    skip_empty: SkipEmpty = None, labels: Labels = None,
+    strict: Annotated[Optional[bool], typer.Option("--strict/--lenient", help="Fail on the first unreadable file "
+                                                   "instead of skipping it, and when fewer than --min-roi-share of "
+                                                   "the images have an ROI instead of warning.")] = None,
 ):
     """Pretrain an encoder by (guided) masked image modeling: SparK for CNNs, MAE for ViTs, on Lightning Fabric.
 
@@ -106,8 +127,13 @@ def pretrain(
     Example: mwm pretrain scans.npz --rois rois/rois.jsonl --masking roi --ratio-in 0.8 --ratio-out 0.2 --arch resnet18 --size 64 --epochs 50 --out run/
 
     Many GPUs: --devices 4 --strategy ddp --precision bf16-mixed; many nodes: start it with torchrun and --num-nodes.
+
+    From ImageNet weights (as the MWM paper) or any checkpoint: --init imagenet | --init weights.safetensors |
+    --init OLD_RUN/encoder.pth (continued pretraining on new data); config.yaml and summary.json record the source
+    and its sha256.
     """
     import json
+    import warnings
 
     from ..config import resolve
     from ..errors import MWMError
@@ -115,6 +141,7 @@ def pretrain(
 
     # flags: not given → None, so a --config file's value stands (typer reports an absent flag as False)
     opts = {"data": data, "out": out, "rois": rois, "allow_missing_rois": allow_missing_rois or None,
+            "min_roi_share": min_roi_share, "init": init,
             "masking.strategy": masking, "masking.ratio": ratio, "masking.ratio_in": ratio_in,
             "masking.ratio_out": ratio_out, "model.method": method, "model.arch": arch, "model.size": size,
             "epochs": epochs, "batch_size": batch_size, "accumulate": accumulate, "lr": lr, "base_lr": base_lr,
@@ -128,7 +155,9 @@ def pretrain(
     if out is None and not config:
         raise MWMError("give --out DIR for the run (checkpoints, metrics, encoder.pth)")
     cfg = resolve(PretrainConfig, config, set_, opts)
-    s = run_with_bar(run, cfg, _Bar(enabled=not quiet))
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one yellow line per warning, not Python's file:line form
+        s = run_with_bar(run, cfg, _Bar(enabled=not quiet))
     if s is None:  # a re-launched DDP rank: rank 0 reports
         return
     first = f"{s['first_loss']:.4f}" if s["first_loss"] is not None else "?"

@@ -10,7 +10,9 @@ rank's mask generator.
 
 from __future__ import annotations
 
+import errno
 import random
+import shutil
 import warnings
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from ..io import atomic_path
 from .config import RESUME_MAY_CHANGE, PretrainConfig
 
 __all__ = ["FORMAT", "checkpoint_path", "capture_rng", "restore_rng", "save_checkpoint", "load_checkpoint",
-           "check_resumable"]
+           "check_resumable", "save_or_explain", "clean_orphans"]
 
 FORMAT = "mwm.pretrain/1"
 
@@ -58,12 +60,63 @@ def restore_rng(state: dict, mask_generator: torch.Generator | None = None) -> N
         mask_generator.set_state(state["mask"])
 
 
-def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a checkpoint."""
+def save_checkpoint(path: str | Path, state: dict, out: str | Path | None = None) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a checkpoint.
+    A full disk is an :class:`MWMError` naming ``out`` (the run folder; default: the file's folder), see
+    :func:`save_or_explain`."""
     path = Path(path)
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    save_or_explain({"format": FORMAT, **state}, path, out)
     return path
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    # torch's zip writer reports a short write as RuntimeError "... unexpected pos N vs M" or "file write failed"
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+
+
+def _free(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "? free"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit} free" if unit == "B" else f"{free:.1f} {unit} free"
+        free /= 1024
+    return ""
+
+
+def save_or_explain(obj, path: str | Path, out: str | Path | None = None) -> None:
+    """``torch.save(obj)`` atomically to ``path``; a full disk (``ENOSPC``, or the RuntimeError torch's writer
+    raises for a short write) becomes an :class:`MWMError` naming the folder, the free space and what to do.
+    The temporary file is removed either way, so a full disk leaves the previous file intact."""
+    path = Path(path)
+    try:
+        with atomic_path(path, suffix=path.suffix or ".pt") as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:
+        if not _is_disk_full(e):
+            raise
+        where = Path(out) if out is not None else path.parent
+        raise MWMError(f"the disk holding {where} is full ({_free(path.parent)}) while writing {path}; free some "
+                       "space (or choose another --out) and continue with --resume from the last checkpoint") from e
+
+
+def clean_orphans(out: str | Path) -> list[str]:
+    """Remove the temporary checkpoint files (``checkpoints/.last.pt*.pt``, :func:`mwm.io.atomic_path`'s names)
+    a killed run left behind; only call it while holding the run folder's lock. Returns the names removed."""
+    folder = checkpoint_path(out).parent
+    removed = []
+    for f in sorted(folder.glob(".last.pt*.pt")) if folder.is_dir() else []:
+        try:
+            f.unlink()
+            removed.append(f.name)
+        except OSError:
+            pass
+    return removed
 
 
 def load_checkpoint(path: str | Path) -> dict:

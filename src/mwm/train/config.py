@@ -27,7 +27,25 @@ SPAWN_STRATEGIES = ("ddp_spawn",)  # launch() pickles its arguments: callbacks t
 # ``epochs`` (extends or shortens the cosine schedule: allowed, with a warning) and the launch options (the
 # world size itself is checked separately, because the effective batch and the learning rate depend on it).
 RESUME_MAY_CHANGE = frozenset({"resume", "epochs", "log_every", "checkpoint_every", "recon_every", "recon_images",
-                               "workers", "accelerator", "devices", "strategy", "num_nodes", "data", "rois", "out"})
+                               "workers", "accelerator", "devices", "strategy", "num_nodes", "data", "rois", "out",
+                               "min_roi_share", "init_sha256"})
+
+
+def _check_pretrain_options(cfg: "PretrainConfig") -> None:
+    """The arch exists in timm, the masking masks something, ``init`` and ``model.pretrained`` are not both set."""
+    from ..mim.registry import check_arch
+
+    check_arch(cfg.model.arch)
+    m = cfg.masking
+    if m.strategy == "roi" and m.ratio_in == 0 and m.ratio_out == 0:
+        raise ValueError("ratio_in and ratio_out are both 0: nothing is masked, so nothing is learned; MWM uses "
+                         "e.g. --ratio-in 0.8 --ratio-out 0.2")
+    if m.strategy != "roi" and m.ratio == 0:
+        raise ValueError("--ratio 0 masks nothing, so the reconstruction loss is 0 and nothing is learned; use "
+                         "e.g. --ratio 0.6 (SparK) or 0.75 (MAE)")
+    if cfg.init.lower() != "none" and cfg.model.pretrained:
+        raise ValueError("give the encoder's initial weights once: --init (recorded with a hash) or "
+                         "model.pretrained, not both")
 
 
 def _infer_method(arch: str) -> str:
@@ -70,8 +88,11 @@ class PretrainConfig(BaseModel):
     Learning rate: ``lr = base_lr × effective_batch / 256`` with ``effective_batch = batch_size × accumulate ×
     world_size`` (the linear scaling rule of MAE/SparK), unless ``lr`` is given: then that absolute value is used
     as is. Schedule per optimizer step: linear warmup over ``warmup_epochs``, then cosine to
-    ``final_lr_ratio × lr``. Defaults follow SparK (LAMB, base_lr 2e-4, betas (0.9, 0.95), weight decay 0.04,
-    gradient clipping at 5), scaled down in epochs for small medical datasets.
+    ``final_lr_ratio × lr``, the weight decay annealed by a cosine from ``weight_decay`` to ``weight_decay_end``
+    (SparK's ``lr_wd_annealing``, see :mod:`mwm.train.optim`). Defaults follow SparK (LAMB, base_lr 2e-4, betas
+    (0.9, 0.95), weight decay 0.04 → 0.2, warmup from 0.005 × lr, cosine to 0.001 × lr, gradient clipping at 5),
+    scaled down in epochs for small medical datasets; the three schedule ends left unset follow the method's
+    reference (MAE: warmup from 0, cosine to 0, constant weight decay).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -83,6 +104,8 @@ class PretrainConfig(BaseModel):
     limit: int | None = Field(default=None, ge=1, description="only the first N images of the split (quick runs)")
     rois: Path | None = Field(default=None, description="rois.jsonl from `mwm localize`, joined by image id")
     allow_missing_rois: bool = Field(default=False, description="images without a manifest record get no ROI")
+    min_roi_share: float = Field(default=0.5, ge=0, le=1, description="ROI-guided masking warns (with read.strict / "
+                                 "--strict: fails) when fewer of the images have an ROI box")
     resize: Literal["pad", "stretch", "crop"] = "pad"
     read: ReadOptions = ReadOptions()
     augment: AugmentConfig = AugmentConfig()
@@ -90,6 +113,10 @@ class PretrainConfig(BaseModel):
                                                       "fine-tuning with timm's data config will)")
     # -- model and masking -------------------------------------------------------------------------------------
     model: Annotated[Union[SparKConfig, MAEConfig], Field(discriminator="method")] = SparKConfig()
+    init: str = Field(default="none", description="encoder init: none, imagenet (timm's weights for the arch, "
+                      "online) or a file: a timm checkpoint (.pth/.safetensors) or a run's encoder.pth")
+    init_sha256: str | None = Field(default=None, description="sha256 of the init weights, filled in by the run "
+                                    "(config.yaml); when set, other weights are refused")
     masking: MaskingConfig = MaskingConfig()
     sync_bn: bool = Field(default=True, description="synchronise (masked) BatchNorm statistics across GPUs "
                                                     "(CUDA only: DDP rejects SyncBatchNorm on CPU)")
@@ -99,10 +126,15 @@ class PretrainConfig(BaseModel):
     accumulate: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
     lr: float | None = Field(default=None, gt=0, description="absolute peak learning rate; overrides base_lr")
     base_lr: float = Field(default=2e-4, gt=0, description="peak lr per 256 images of effective batch")
-    final_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="cosine ends at this fraction of lr")
+    final_lr_ratio: float | None = Field(default=None, ge=0, le=1, description="cosine ends at this fraction of "
+                                         "lr; default: the method's reference (SparK 0.001, MAE 0)")
+    warmup_start_ratio: float | None = Field(default=None, ge=0, le=1, description="warmup starts at this fraction "
+                                             "of lr; default: SparK 0.005, MAE 0")
     optimizer: Literal["adamw", "lamb"] = "lamb"
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(default=0.04, ge=0, description="not applied to biases, norms, tokens")
+    weight_decay_end: float | None = Field(default=None, ge=0, description="weight decay at the last step (cosine "
+                                           "from weight_decay); default: SparK 0.2, MAE constant (= weight_decay)")
     warmup_epochs: float = Field(default=5.0, ge=0)
     clip_grad: float | None = Field(default=5.0, gt=0, description="max global gradient norm; None = off")
     ema: float | None = Field(default=None, gt=0, lt=1, description="EMA decay of the weights (e.g. 0.999); "
@@ -157,6 +189,7 @@ class PretrainConfig(BaseModel):
             raise ValueError("the MAE (ViT) path drops masked tokens and needs the same visible count in every "
                              "image; the two-level 'roi' strategy varies it with ROI size. Use --masking "
                              "roi_overall (MWM at a fixed overall ratio), soft, topk or random")
+        _check_pretrain_options(self)
         if self.model.in_chans != 3:
             raise ValueError(f"model.in_chans must be 3: pretraining decodes 3-channel images so the exported "
                              f"encoder matches timm's default in_chans=3 (got {self.model.in_chans})")

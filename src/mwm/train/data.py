@@ -23,8 +23,10 @@ from ..errors import DataError, MWMError
 from .augment import paired_random_resized_crop
 from .config import AugmentConfig, PretrainConfig
 
-__all__ = ["PretrainData", "load_pretrain_data", "join_rois", "PretrainDataset", "EpochSampler", "collate",
-           "micro_batches_per_epoch"]
+__all__ = ["PretrainData", "load_pretrain_data", "join_rois", "roi_share_check", "PretrainDataset", "EpochSampler",
+           "collate", "micro_batches_per_epoch"]
+
+CONTENT_SAMPLE = 64  # images whose pixels the resume fingerprint hashes
 
 
 @dataclass
@@ -39,6 +41,7 @@ class PretrainData:
     split: str
     skipped: int = 0
     roi_stats: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -49,6 +52,16 @@ class PretrainData:
         h.update(str(self.images.shape).encode())
         for i in self.ids:
             h.update(i.encode() + b"\0")
+        return h.hexdigest()[:16]
+
+    def content_fingerprint(self, n: int = CONTENT_SAMPLE) -> str:
+        """A short hash of the decoded pixels of ``n`` images spread evenly over the dataset (always the first and
+        the last): same ids with other pixels (re-exported or re-windowed scans) are caught on resume, at the cost
+        of hashing ``n`` small arrays instead of the whole set."""
+        idx = np.unique(np.linspace(0, len(self.ids) - 1, min(n, len(self.ids))).round().astype(np.int64))
+        h = hashlib.sha256()
+        for i in idx:
+            h.update(np.ascontiguousarray(self.images[i]).tobytes())
         return h.hexdigest()[:16]
 
 
@@ -92,13 +105,43 @@ def load_pretrain_data(cfg: PretrainConfig, progress=None) -> PretrainData:
     if len(ds) == 0:
         raise DataError(f"{cfg.data}: no readable images in split '{split}'"
                         + (f" ({len(src.skipped)} unreadable)" if src.skipped else ""))
+    notes: list[str] = []
     if cfg.rois is not None:
         boxes, stats = join_rois(ds.ids, ds.orig_sizes, cfg.rois, cfg.size, cfg.resize, cfg.allow_missing_rois,
                                  data=cfg.data)
+        notes += roi_share_check(stats, cfg)
     else:
         boxes, stats = [np.zeros((0, 4), np.float32) for _ in ds.ids], {}
     return PretrainData(ids=list(ds.ids), images=ds.images, boxes=boxes, has_rois=cfg.rois is not None, split=split,
-                        skipped=len(src.skipped), roi_stats=stats)
+                        skipped=len(src.skipped), roi_stats=stats, warnings=notes)
+
+
+def roi_share_check(stats: dict, cfg: PretrainConfig) -> list[str]:
+    """Warnings about the joined ROIs (the caller shows and records them): ROI-guided masking where fewer than
+    ``cfg.min_roi_share`` of the images have an ROI box — the rest are masked uniformly at ``ratio``, so the run
+    is mostly random masking under another name — and ROIs given to a strategy that ignores them.
+
+    Raises :class:`MWMError` instead for the share when ``cfg.read.strict`` (``--strict``)."""
+    from ..masking import NEEDS_ROI
+
+    out = []
+    strategy = cfg.masking.strategy
+    if strategy not in NEEDS_ROI:
+        out.append(f"--masking {strategy} does not use ROIs: the boxes of {cfg.rois} only feed the in/out mask-ratio "
+                   "statistics; pass --masking roi (or roi_overall, soft, topk) for ROI-guided masking")
+        return out
+    n = stats["with_roi"] + stats["without_roi"] + stats["missing"]
+    share = stats["share"]
+    if share < cfg.min_roi_share:
+        msg = (f"{cfg.rois}: only {stats['with_roi']} of {n} images ({share:.0%}) have an ROI box, fewer than "
+               f"min_roi_share {cfg.min_roi_share:.0%}: --masking {strategy} masks the other {n - stats['with_roi']} "
+               f"uniformly at --ratio {cfg.masking.ratio:g}, i.e. mostly random masking. Check the manifest's status "
+               "counts (`mwm localize` failures); when many scans truly show no finding, lower --min-roi-share "
+               "to accept it")
+        if cfg.read.strict:
+            raise MWMError(msg + " (failing because of --strict)")
+        out.append(msg)
+    return out
 
 
 def join_rois(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, policy: str,
@@ -137,8 +180,12 @@ def join_rois(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, polic
         if rw and rh and abs(rw / rh - w / h) > 0.01 * (w / h):
             mismatched += 1  # normalized boxes only transfer between images of the same aspect ratio
         fit = Fit.of(h, w, size, policy)
-        bb = np.array([fit.box(b, h, w, size) for b in rec["boxes"]], np.float32).reshape(-1, 4)
-        bb = bb[(bb[:, 2] > bb[:, 0]) & (bb[:, 3] > bb[:, 1])]  # a crop policy can cut a box off entirely
+        # an ROI is a finite box of positive area: a broken manifest can hold NaN/inf boxes (dropped before the
+        # mapping, which would clip inf to the image edge) or zero-area ones, and a crop policy can cut a box off
+        # entirely; none of them may count as "has an ROI"
+        raw = _finite_boxes(rec["boxes"])
+        bb = np.array([fit.box(b, h, w, size) for b in raw], np.float32).reshape(-1, 4)
+        bb = bb[(bb[:, 2] > bb[:, 0]) & (bb[:, 3] > bb[:, 1])]
         out.append(bb)
         n_roi += len(bb) > 0
         n_noroi += len(bb) == 0
@@ -146,7 +193,17 @@ def join_rois(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, polic
         warnings.warn(f"{manifest}: {mismatched} records have a width/height whose aspect ratio differs from the "
                       "image as read; boxes are normalized to the localized image, so they may be misplaced "
                       "(localize the same files you pretrain on)", stacklevel=2)
-    return out, {"with_roi": n_roi, "without_roi": n_noroi, "missing": len(missing)}
+    return out, {"with_roi": n_roi, "without_roi": n_noroi, "missing": len(missing),
+                 "share": n_roi / max(1, len(ids))}
+
+
+def _finite_boxes(boxes) -> list[list[float]]:
+    """The manifest boxes that are 4 finite numbers (anything else is no box)."""
+    try:
+        arr = np.asarray(boxes, np.float64).reshape(-1, 4)
+    except (TypeError, ValueError):
+        return []
+    return arr[np.isfinite(arr).all(1)].tolist()
 
 
 class PretrainDataset(Dataset):

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_write_text
+from .checkpoint import save_or_explain
 
 __all__ = ["export_encoder", "check_encoder", "timm_kwargs"]
 
@@ -39,15 +40,14 @@ def export_encoder(mim_model: nn.Module, out: str | Path, arch: str, extra: dict
     out = Path(out)
     sd = mim_model.encoder_state_dict()
     paths = {"encoder": out / "encoder.pth"}
-    with atomic_path(paths["encoder"], suffix=".pth") as tmp:
-        torch.save(sd, tmp)
+    save_or_explain(sd, paths["encoder"], out)
     if _torchvision_resnet(sd):
         from ..mim import to_detectron2
 
         paths["encoder_d2"] = out / "encoder_d2.pth"
-        with atomic_path(paths["encoder_d2"], suffix=".pth") as tmp:
-            # Detectron2's checkpointer reads {"model": …}; matching_heuristics lets it map res2…res5 by name
-            torch.save({"model": to_detectron2(sd), "__author__": "mwm", "matching_heuristics": True}, tmp)
+        # Detectron2's checkpointer reads {"model": …}; matching_heuristics lets it map res2…res5 by name
+        save_or_explain({"model": to_detectron2(sd), "__author__": "mwm", "matching_heuristics": True},
+                        paths["encoder_d2"], out)
     meta = {"arch": arch, "timm_kwargs": timm_kwargs(mim_model), "format": "timm state_dict",
             "load": f"timm.create_model({arch!r}, pretrained=False, **timm_kwargs).load_state_dict("
                     "torch.load('encoder.pth'), strict=False)  # missing: classifier keys only",

@@ -22,12 +22,13 @@ import torch
 from ..config import save_config
 from ..errors import MWMError
 from ..io import atomic_write_text
-from .checkpoint import capture_rng, check_resumable, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (capture_rng, check_resumable, checkpoint_path, clean_orphans, load_checkpoint, restore_rng,
+                         save_checkpoint)
 from .config import PretrainConfig
-from .data import EpochSampler, PretrainDataset, collate, load_pretrain_data, micro_batches_per_epoch
+from .data import CONTENT_SAMPLE, EpochSampler, PretrainDataset, collate, load_pretrain_data, micro_batches_per_epoch
 from .export import check_encoder, export_encoder, timm_kwargs
 from .metrics import MetricsLogger, read_metrics
-from .optim import build_optimizer, build_scheduler, effective_batch, lr_factor
+from .optim import build_optimizer, build_pretrain_scheduler, effective_batch
 
 __all__ = ["run", "mask_seed"]
 
@@ -92,7 +93,34 @@ def run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None = 
     log interval, info = the metrics row), "epoch" (info: epoch, loss, seconds), "end" (info = summary).
     stop_at_epoch: stop after this many epochs in total (checkpointing first), as if the job were killed there.
     hook(event, info): called on every rank ("step": rank, step, keep; "end": rank, model) — for tests.
+
+    Global rank 0 holds ``OUT/.mwm.lock`` (:func:`mwm.io.lock_folder`) for the whole run, so a second run into the
+    same folder fails naming this one. Only rank 0 locks: Fabric's subprocess launcher re-runs the command for
+    the other local ranks and torchrun starts one process per rank, all of the same run; the outcome is
+    broadcast so every rank stops together.
     """
+    import contextlib
+
+    from ..io import lock_folder
+
+    with contextlib.ExitStack() as stack:
+        err = None
+        if fabric.is_global_zero:
+            try:
+                stack.enter_context(lock_folder(cfg.out, what="pretraining run"))
+            except MWMError as e:
+                err = str(e)
+        if fabric.world_size > 1:
+            err = fabric.broadcast(err, src=0)
+        if err is not None:
+            raise MWMError(err)
+        return _run(fabric, cfg, progress, stop_at_epoch, hook)
+
+
+def _run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None = None, hook=None) -> dict | None:
+    """:func:`run`'s body, with the folder lock held."""
+    import warnings
+
     from lightning.fabric.utilities.seed import seed_everything
     from torch.utils.data import DataLoader
 
@@ -121,19 +149,48 @@ def run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None = 
         raise MWMError(f"{out} already holds a run ({ckpt_file}); pass --resume to continue it, or choose another "
                        "--out for a new run")
     fabric.barrier()  # every rank has looked before rank 0 writes anything
+    notes: list[str] = []
+    if zero:
+        removed = clean_orphans(out)  # safe: rank 0 holds the folder's lock, so no other writer is running
+        if removed:
+            notes.append(f"removed {len(removed)} temporary checkpoint file(s) a killed run left in "
+                         f"{ckpt_file.parent} ({', '.join(removed[:3])})")
+
+    # -- the model first (a wrong arch or --init fails before a long decode), then the --init weights --------
+    seed_everything(cfg.seed, verbose=False)
+    try:
+        model = create_mim_model(cfg.model)
+    except ValueError as e:
+        raise MWMError(str(e)) from e
+    init_info = ckpt.get("init") if ckpt is not None else None  # resuming: the checkpoint's weights win
+    if ckpt is None and cfg.init.lower() not in ("none", "random"):
+        from .init import apply_init, resolve_init
+
+        init_info = apply_init(model, resolve_init(cfg.init, cfg.arch, timm_kwargs(model), cfg.init_sha256))
     if zero:
         out.mkdir(parents=True, exist_ok=True)
-        # resume is an action, not a property of the run: config.yaml must start this run afresh when given alone
-        save_config(cfg.model_copy(update={"resume": False}), out / "config.yaml")
+        # resume is an action, not a property of the run: config.yaml must start this run afresh when given alone;
+        # it pins the init weights by hash
+        save_config(cfg.model_copy(update={"resume": False, "init_sha256": (init_info or {}).get("sha256")}),
+                    out / "config.yaml")
 
-    seed_everything(cfg.seed, verbose=False)
     data = load_pretrain_data(cfg, progress=(lambda k: emit("decode", k)) if zero else None)
     if ckpt is not None and ckpt["data"] != data.fingerprint():
         raise MWMError(f"{ckpt_file}: the data differ from the run's ({len(data)} images now); resume on the same "
                        "data, split and limit")
+    content = data.content_fingerprint()
+    if ckpt is not None and ckpt.get("data_content", content) != content:
+        raise MWMError(f"{ckpt_file}: the images have the run's ids but other pixels (a sample of "
+                       f"{CONTENT_SAMPLE} images spread over the data is hashed): the scans were replaced, "
+                       "re-exported or read differently. Resume on the same data, or start a new run with another "
+                       "--out")
+    run_warnings = list(data.warnings)
+    if zero:
+        for w in run_warnings:
+            warnings.warn(w, stacklevel=1)
 
     # -- model, EMA, optimizer, schedule ---------------------------------------------------------------------
-    model = create_mim_model(cfg.model).to(fabric.device)  # on the device first: loaded optimizer state follows
+    model = model.to(fabric.device)  # on the device first: loaded optimizer state follows
     grid = model.grid(cfg.size)
     ema = None
     if cfg.ema is not None:
@@ -159,19 +216,16 @@ def run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None = 
 
         warnings.warn(f"warmup ({warmup_steps} steps = {cfg.warmup_epochs:g} epochs) is as long as the whole run "
                       f"({total_steps} steps): the lr never reaches its peak; lower --warmup-epochs", stacklevel=1)
-    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.final_lr_ratio)
+    scheduler = build_pretrain_scheduler(optimizer, cfg, total_steps, warmup_steps)  # SparK's lr + wd annealing
     mask_gen = torch.Generator(device=fabric.device).manual_seed(mask_seed(cfg.seed, rank))
 
     start_epoch, step = 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        # the schedule's length comes from this config (epochs may have changed), its position from the
+        # checkpoint; lr and weight decay are re-applied for the current step (LrWdScheduler.load_state_dict)
         scheduler.load_state_dict(ckpt["scheduler"])
-        # the schedule's length comes from this config (epochs may have changed), its position from the checkpoint
-        f = scheduler.lr_lambdas[0]
-        f.total, f.warmup, f.final_ratio = total_steps, warmup_steps, cfg.final_lr_ratio
-        for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
-            g["lr"] = base * lr_factor(scheduler.last_epoch, total_steps, warmup_steps, cfg.final_lr_ratio)
         if ema is not None:
             if ckpt.get("ema") is None:
                 raise MWMError(f"{ckpt_file} has no EMA weights; resume without --ema")
@@ -208,7 +262,8 @@ def run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None = 
         restore_rng(states[rank], mask_gen)
     emit("start", step, total_steps, {"lr": peak_lr, "lr_rule": lr_rule, "images": len(data), "world_size": world,
                                       "steps_per_epoch": steps_per_epoch, "start_epoch": start_epoch,
-                                      "split": data.split, "roi_stats": data.roi_stats})
+                                      "split": data.split, "roi_stats": data.roi_stats, "notes": notes,
+                                      "init": init_info if ckpt is None else None})
 
     # device accumulators per micro-step: [loss, mask_ratio, masked ROI, ROI, masked background, background] as
     # fractions of the batch's patches, so in/out ratios pool over micro-steps and ranks (a batch without any ROI
@@ -304,10 +359,11 @@ def run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None = 
             if zero:
                 save_checkpoint(ckpt_file, {
                     "config": cfg.model_dump(mode="json"), "epoch": done, "step": step, "world_size": world,
-                    "data": data.fingerprint(), "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                    "data": data.fingerprint(), "data_content": content, "init": init_info,
+                    "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                     "precision": fabric.strategy.precision.state_dict(), "data_order": sampler.state_dict(),
-                    "rng": rng})
+                    "rng": rng}, out=out)
             fabric.barrier()
         if stopping:
             break
@@ -325,7 +381,8 @@ def run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None = 
             "epochs": cfg.epochs, "steps": step, "resumed_from_epoch": start_epoch if ckpt is not None else None,
             "images": len(data), "split": data.split, "world_size": world, "effective_batch": eff,
             "lr": peak_lr, "lr_rule": lr_rule, "optimizer": cfg.optimizer, "precision": cfg.precision,
-            "masking": cfg.masking.strategy, "roi_stats": data.roi_stats,
+            "masking": cfg.masking.strategy, "roi_stats": data.roi_stats, "init": init_info,
+            "warnings": run_warnings, "notes": notes,
             "first_loss": rows[0]["loss"] if rows else None, "final_loss": last_row.get("loss"),
             "seconds": time.perf_counter() - t0,
             "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,

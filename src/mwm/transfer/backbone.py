@@ -4,6 +4,9 @@
 :func:`resolve_weights` turns the option into a :class:`BackboneSpec` (arch, timm kwargs, state dict, input
 normalization) *before* anything is built, so a wrong path fails in a second with a message saying what to
 pass; :func:`create_backbone` builds the timm model and proves that only classifier keys were left out.
+:func:`read_state_dict` reads a weights file (``.pth``/``.pt``/``.bin`` or ``.safetensors``), unwrapping the
+``{"model": sd}`` / ``{"state_dict": sd}`` / ``{"module": sd}`` containers that timm, DeiT, MAE and Lightning
+checkpoints use, and names a Detectron2 checkpoint as one. ``mwm pretrain --init`` shares all three.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from torch import nn
 
 from ..errors import MWMError
 
-__all__ = ["BackboneSpec", "resolve_weights", "create_backbone", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["BackboneSpec", "resolve_weights", "create_backbone", "read_state_dict", "load_timm_weights",
+           "detectron2_keys", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,40 +48,41 @@ class BackboneSpec:
                 torch.tensor(self.std, device=device).view(1, 3, 1, 1))
 
 
-def resolve_weights(weights: str | Path, arch: str | None = None) -> BackboneSpec:
-    """``weights``: ``none`` | ``timm`` | a file (``encoder.pth``) | a run folder holding ``encoder.pth``.
+_WEIGHTS_HINT = ("`--weights none` for random init, or `--weights timm` for the arch's ImageNet weights (needs "
+                 "internet)")
+
+
+def resolve_weights(weights: str | Path, arch: str | None = None, option: str = "--weights",
+                    hint: str = _WEIGHTS_HINT) -> BackboneSpec:
+    """``weights``: ``none`` | ``timm`` | a file (``encoder.pth`` or a timm checkpoint) | a run folder holding
+    ``encoder.pth``.
 
     With a file, the arch, timm kwargs and normalization come from ``encoder.json`` beside it (written by
-    ``mwm pretrain``); ``arch`` must then agree or be None. ``none``/``timm`` need ``arch``.
+    ``mwm pretrain``); ``arch`` must then agree or be None. ``none``/``timm`` need ``arch``. ``option`` and
+    ``hint`` name the command-line option and its other values in error messages (``mwm pretrain --init``
+    reuses this).
     """
     w = str(weights)
     if w.lower() in ("none", "random", "timm"):
         if not arch:
-            raise MWMError(f"--weights {w} needs --arch (a timm model name such as resnet18)")
+            raise MWMError(f"{option} {w} needs --arch (a timm model name such as resnet18)")
         return BackboneSpec(arch=arch, hub=w.lower() == "timm", source=w.lower())
     path = Path(w)
     if path.is_dir():
         path = path / "encoder.pth"
     if not path.is_file():
-        raise MWMError(f"{weights}: no encoder weights there; pass the encoder.pth (or the run folder) that "
-                       "`mwm pretrain --out RUN` wrote, `--weights none` for random init, or `--weights timm` "
-                       "for the arch's ImageNet weights (needs internet)")
+        raise MWMError(f"{option} {weights}: no weights there; pass the encoder.pth (or the run folder) that "
+                       f"`mwm pretrain --out RUN` wrote, a timm checkpoint file (.pth / .safetensors), {hint}")
     meta_file = path.with_name("encoder.json")
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     saved_arch = meta.get("arch")
     if saved_arch and arch and saved_arch != arch:
         raise MWMError(f"{path} holds a '{saved_arch}' encoder (see {meta_file.name}) but --arch is '{arch}'; "
-                       "drop --arch or pass the matching one")
+                       f"pass --arch {saved_arch}, or weights of a '{arch}'")
     arch = arch or saved_arch
     if not arch:
         raise MWMError(f"{path}: no encoder.json beside it to say the architecture; pass --arch")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MWMError(f"{path}: cannot read the weights ({type(e).__name__}: {e}); re-export them with "
-                       "`mwm pretrain --resume`") from e
-    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-        raise MWMError(f"{path} is a Detectron2 checkpoint; pass encoder.pth (the timm state_dict) instead")
+    sd = read_state_dict(path)
     if "normalize" in meta and meta["normalize"] is None:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # pretrained on raw [0, 1] inputs: feed them the same way
     else:
@@ -96,8 +101,6 @@ def create_backbone(spec: BackboneSpec, **timm_overrides) -> nn.Module:
     """
     import timm
 
-    from ..mim import classifier_keys
-
     kwargs = {**spec.kwargs, **timm_overrides}
     try:
         model = timm.create_model(spec.arch, pretrained=spec.hub, **kwargs)
@@ -110,21 +113,108 @@ def create_backbone(spec: BackboneSpec, **timm_overrides) -> nn.Module:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         spec.mean, spec.std = tuple(cfg.get("mean", spec.mean)), tuple(cfg.get("std", spec.std))
     if spec.state_dict is not None:
-        try:
-            missing, unexpected = model.load_state_dict(spec.state_dict, strict=False)
-        except RuntimeError as e:  # tensor shape mismatches are raised even with strict=False
-            raise MWMError(f"{spec.source} does not fit timm '{spec.arch}' ({kwargs}): "
-                           f"{str(e).splitlines()[-1].strip()}; was it exported for a different --arch?") from e
-        if kwargs.get("features_only"):
-            # features_only models drop the pooling/classifier, so the saved head keys are the unexpected ones
-            bad_missing, bad_unexpected = set(missing), {k for k in unexpected if not _is_head(k)}
-        else:
-            bad_missing, bad_unexpected = set(missing) - classifier_keys(model), set(unexpected)
-        if bad_missing or bad_unexpected:
-            raise MWMError(f"{spec.source} does not fit timm '{spec.arch}' ({kwargs}): missing "
-                           f"{sorted(bad_missing)[:5]}, unexpected {sorted(bad_unexpected)[:5]}; was it exported "
-                           "for a different --arch?")
+        load_timm_weights(model, spec.state_dict, spec.source, spec.arch, kwargs)
     return model
+
+
+def load_timm_weights(model: nn.Module, sd: dict, source: str, arch: str, kwargs: dict | None = None) -> list[str]:
+    """Load a timm state dict into the timm ``model`` strictly: only the classifier may be missing (with
+    ``features_only`` in ``kwargs``: only head keys may be left over). ViTs go through timm's own checkpoint
+    filter first (``pos_embed`` resampled to the model's ``img_size``, as timm does for its pretrained weights).
+
+    Returns the missing (classifier) keys; raises :class:`MWMError` naming the missing / unexpected keys or the
+    shape mismatch.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ..mim import classifier_keys
+
+    kwargs = kwargs or {}
+    if isinstance(model, VisionTransformer):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        sd = checkpoint_filter_fn(dict(sd), model)
+    # a classifier for another number of classes (a fine-tuned checkpoint) is left out, not a shape error
+    own = model.state_dict()
+    head = classifier_keys(model)
+    sd = {k: v for k, v in sd.items() if not (k in head and k in own and v.shape != own[k].shape)}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # tensor shape mismatches are raised even with strict=False
+        raise MWMError(f"{source} does not fit timm '{arch}' ({kwargs}): "
+                       f"{str(e).splitlines()[-1].strip()}; was it saved for a different --arch?") from e
+    if kwargs.get("features_only"):
+        # features_only models drop the pooling/classifier, so the saved head keys are the unexpected ones
+        bad_missing, bad_unexpected = set(missing), {k for k in unexpected if not _is_head(k)}
+    else:
+        bad_missing, bad_unexpected = set(missing) - classifier_keys(model), set(unexpected)
+    if bad_missing or bad_unexpected:
+        raise MWMError(f"{source} does not fit timm '{arch}' ({kwargs}): missing "
+                       f"{sorted(bad_missing)[:5]}, unexpected {sorted(bad_unexpected)[:5]}; was it saved "
+                       "for a different --arch?")
+    return list(missing)
+
+
+# -- reading weight files -------------------------------------------------------------------------------------
+_WRAPPERS = ("state_dict", "model", "module", "model_ema", "state_dict_ema")
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in obj.items())
+
+
+def detectron2_keys(obj) -> list[str]:
+    """What marks ``obj`` as a Detectron2 checkpoint: ``__author__`` / ``matching_heuristics`` at the top, or
+    Detectron2's ResNet names (``backbone.bottom_up.…``, ``stem.conv1.…``, ``res2.`` … ``res5.``) in its
+    ``model`` dict. Empty when it is none (a timm ``{"model": sd}`` wrapper has ``layer1.…``/``blocks.…``)."""
+    if not isinstance(obj, dict):
+        return []
+    marks = [k for k in ("__author__", "matching_heuristics") if k in obj]
+    inner = obj.get("model") if isinstance(obj.get("model"), dict) else obj
+    names = [k for k in inner if isinstance(k, str) and (k.startswith(("backbone.bottom_up.", "stem.conv1."))
+                                                        or k.split(".")[0] in ("res2", "res3", "res4", "res5"))]
+    return marks + names[:2]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The timm state dict in a weights file: ``.safetensors`` or a torch pickle read with ``weights_only=True``
+    (tensors and plain containers only: a file that needs arbitrary code to load is refused, with the way out).
+
+    A dict wrapping the weights under ``state_dict`` / ``model`` / ``module`` (timm's train script, DeiT, MAE,
+    Lightning) is unwrapped, and a DDP ``module.`` prefix on every key is removed. Raises :class:`MWMError` for
+    unreadable files, Detectron2 checkpoints and files with no tensor dict inside.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        extra = ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            extra = ("; it holds Python objects besides the weights (e.g. training args): if you trust it, save the "
+                     "weights alone: torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')")
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise MWMError(f"{path}: cannot read the weights ({type(e).__name__}: {first}){extra}") from e
+    d2 = detectron2_keys(obj)
+    if d2:
+        raise MWMError(f"{path} is a Detectron2 checkpoint (it has {', '.join(repr(k) for k in d2)}); pass the timm "
+                       "state dict instead (mwm pretrain writes it as encoder.pth beside encoder_d2.pth)")
+    sd = obj
+    if isinstance(sd, dict) and not _is_state_dict(sd):
+        sd = next((sd[k] for k in _WRAPPERS if _is_state_dict(sd.get(k))), None)
+        if sd is None:
+            raise MWMError(f"{path}: no state dict inside (top-level keys {sorted(map(str, obj))[:6]}); pass a timm "
+                           "state dict, or a checkpoint holding one under 'model' or 'state_dict'")
+    if not _is_state_dict(sd):
+        raise MWMError(f"{path}: not a state dict of tensors ({type(obj).__name__}); pass a timm checkpoint file")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}  # saved from a DDP wrapper
+    return sd
 
 
 def _is_head(key: str) -> bool:
