@@ -154,7 +154,7 @@ def join_rois(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, polic
     Returns (boxes per image: float32 (M, 4), stats dict).
     """
     from ..data import Fit
-    from ..localize.manifest import read_manifest
+    from ..localize.manifest import read_manifest, usable_boxes
 
     recs = {r["image"]: r for r in read_manifest(manifest)}
     missing = [i for i in ids if i not in recs]
@@ -172,7 +172,10 @@ def join_rois(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, polic
     for i, sid in enumerate(ids):
         rec = recs.get(sid)
         h, w = (int(v) for v in orig_sizes[i])
-        if rec is None or rec.get("status") != "ok" or not rec.get("boxes"):
+        # an ROI is a finite box of positive area (the manifest's one rule, usable_boxes); a crop policy can
+        # still cut a box off entirely below, and that image then has no ROI either
+        raw = usable_boxes(rec) if rec is not None else []
+        if not raw:
             out.append(np.zeros((0, 4), np.float32))
             n_noroi += rec is not None
             continue
@@ -180,10 +183,6 @@ def join_rois(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, polic
         if rw and rh and abs(rw / rh - w / h) > 0.01 * (w / h):
             mismatched += 1  # normalized boxes only transfer between images of the same aspect ratio
         fit = Fit.of(h, w, size, policy)
-        # an ROI is a finite box of positive area: a broken manifest can hold NaN/inf boxes (dropped before the
-        # mapping, which would clip inf to the image edge) or zero-area ones, and a crop policy can cut a box off
-        # entirely; none of them may count as "has an ROI"
-        raw = _finite_boxes(rec["boxes"])
         bb = np.array([fit.box(b, h, w, size) for b in raw], np.float32).reshape(-1, 4)
         bb = bb[(bb[:, 2] > bb[:, 0]) & (bb[:, 3] > bb[:, 1])]
         out.append(bb)
@@ -195,15 +194,6 @@ def join_rois(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, polic
                       "(localize the same files you pretrain on)", stacklevel=2)
     return out, {"with_roi": n_roi, "without_roi": n_noroi, "missing": len(missing),
                  "share": n_roi / max(1, len(ids))}
-
-
-def _finite_boxes(boxes) -> list[list[float]]:
-    """The manifest boxes that are 4 finite numbers (anything else is no box)."""
-    try:
-        arr = np.asarray(boxes, np.float64).reshape(-1, 4)
-    except (TypeError, ValueError):
-        return []
-    return arr[np.isfinite(arr).all(1)].tolist()
 
 
 class PretrainDataset(Dataset):
