@@ -1,6 +1,6 @@
 """`mwm pretrain --init` (issue 10 B): the encoder starts from a timm checkpoint (.pth / .safetensors), an earlier
 run's encoder.pth (continued pretraining) or timm's ImageNet weights; keys are checked strictly, the source and a
-hash are recorded, a resume never re-reads the init. Plus the shared weight reader of mwm.transfer.backbone
+hash are recorded, a resume never re-reads the init. Plus the shared weight reader of mwm.weights
 (wrapped state dicts, Detectron2 checkpoints)."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from mwm.errors import MWMError
 from mwm.mim import create_mim_model, to_detectron2
 from mwm.train import PretrainConfig, pretrain
 from mwm.train.export import timm_kwargs
-from mwm.train.init import apply_init, resolve_init
-from mwm.transfer.backbone import create_backbone, read_state_dict, resolve_weights
+from mwm.train.init import apply_init
+from mwm.weights import create_backbone, read_state_dict, resolve_init, resolve_weights
 
 runner = CliRunner()
 
@@ -136,7 +136,7 @@ def test_init_of_the_mae_vit_encoder(tmp_path):
     assert rec["skipped"] == [] or rec["skipped"][0].startswith("pos_embed")
 
 
-# -- the shared weight reader (mwm.transfer.backbone) ------------------------------------------------------------
+# -- the shared weight reader (mwm.weights) ------------------------------------------------------------
 
 def test_wrapped_timm_state_dict_is_unwrapped_not_called_detectron2(timm_files, tmp_path):
     sd = timm_files["sd"]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mwm.cli import app
 from mwm.config import ConfigError, resolve
 from mwm.errors import DataError, MWMError
-from mwm.transfer.backbone import resolve_weights
+from mwm.weights import resolve_weights
 from mwm.transfer.detect import (METRIC_KEYS, DetectConfig, _hflip, _lr_factor, build_model, detect,
                                  detection_metrics, mask_to_instances)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mwm.errors import DataError, MWMError
-from mwm.transfer.backbone import BackboneSpec, resolve_weights
+from mwm.weights import BackboneSpec, resolve_weights
 from mwm.transfer.segment import (SegmentConfig, build_model, load_segmenter, overlap_counts, paired_augment,
                                   segment, segmentation_loss, summarize)
 from tests.conftest import one_thread, shared_file

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, file_sha256
 
-__all__ = ["PART_FILE", "PRETRAIN_IGNORED", "TASK_IGNORED", "Part", "PartStore", "file_sha256", "identity_hash",
+__all__ = ["PART_FILE", "PRETRAIN_IGNORED", "TASK_IGNORED", "Part", "PartStore", "identity_hash",
            "pretrain_identity", "task_identity", "rois_identity"]
 
 PART_FILE = "bench_part.json"
@@ -44,15 +44,6 @@ PRETRAIN_IGNORED = frozenset({"out", "resume", "workers", "log_every", "checkpoi
 TASK_IGNORED = frozenset({"out", "device", "log_every", "examples", "score_thresh"})
 
 State = Literal["missing", "partial", "done", "stale"]
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def identity_hash(identity: dict) -> str:

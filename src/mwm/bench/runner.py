@@ -37,8 +37,9 @@ from pydantic import BaseModel, ValidationError
 
 from ..config import ConfigError, save_config
 from ..errors import MWMError
+from ..io import file_sha256
 from .config import ArmConfig, BenchConfig, RoiSourceConfig, TaskConfig
-from .parts import Part, PartStore, file_sha256, pretrain_identity, rois_identity, task_identity
+from .parts import Part, PartStore, pretrain_identity, rois_identity, task_identity
 
 __all__ = ["run_bench", "check_bench", "pretrain_config", "task_config", "TASKS", "run_dir"]
 

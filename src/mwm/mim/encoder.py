@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from ..weights import classifier_keys
 from .sparse import MaskContext, SparseBatchNorm2d, sparsify
 
 __all__ = ["SparseEncoder", "encoder_state_dict_for_timm", "to_detectron2", "classifier_keys", "architecture_kwargs"]
@@ -116,14 +117,6 @@ def _check_keep(keep: torch.Tensor, x: torch.Tensor, stride: int) -> None:
     if keep.dtype != torch.bool or keep.shape != (x.shape[0], 1, *grid):
         raise ValueError(f"keep must be bool of shape (B, 1, h, w) = {(x.shape[0], 1, *grid)} for input "
                          f"{tuple(x.shape)} at stride {stride}; got {keep.dtype} {tuple(keep.shape)}")
-
-
-def classifier_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of a timm model's classifier (``fc.*`` for ResNet, ``head.fc.*`` for ConvNeXt, ``head.*``
-    for ViT), found from the model's pretrained_cfg so no name is hard-coded."""
-    names = model.pretrained_cfg.get("classifier", "fc")
-    names = [names] if isinstance(names, str) else list(names)
-    return {k for k in model.state_dict() if any(k == n or k.startswith(n + ".") for n in names)}
 
 
 def encoder_state_dict_for_timm(encoder: nn.Module) -> dict[str, torch.Tensor]:

@@ -164,7 +164,8 @@ def _run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None =
         raise MWMError(str(e)) from e
     init_info = ckpt.get("init") if ckpt is not None else None  # resuming: the checkpoint's weights win
     if ckpt is None and cfg.init.lower() not in ("none", "random"):
-        from .init import apply_init, resolve_init
+        from ..weights import resolve_init
+        from .init import apply_init
 
         init_info = apply_init(model, resolve_init(cfg.init, cfg.arch, timm_kwargs(model), cfg.init_sha256))
     if zero:

@@ -5,7 +5,7 @@ Files, one concern each: ``backbone`` (timm model from ``encoder.pth`` / random 
 ``segment`` (``mwm segment``: UNet decoder on timm features), ``detect`` (``mwm detect``: torchvision Mask R-CNN).
 """
 
-from .backbone import BackboneSpec, create_backbone, resolve_weights
+from ..weights import BackboneSpec, create_backbone, resolve_weights
 from .data import LabelledData, load_labelled
 
 __all__ = ["BackboneSpec", "resolve_weights", "create_backbone", "LabelledData", "load_labelled"]

@@ -315,7 +315,7 @@ def _save_model(model, out: Path, spec, cfg: FinetuneConfig, label_names: list[s
 
 def _build(spec, num_classes: int):
     """The timm model with a ``num_classes`` head and the spec's weights (a mismatch is an :class:`MWMError`)."""
-    from .backbone import create_backbone
+    from ..weights import create_backbone
 
     return create_backbone(spec, num_classes=num_classes)
 
@@ -397,7 +397,7 @@ def finetune(cfg: FinetuneConfig, progress=None) -> dict:
     """
     from ..config import save_config
     from ..io import atomic_write_text
-    from .backbone import resolve_weights
+    from ..weights import resolve_weights
 
     t0 = time.perf_counter()
     if not Path(cfg.data).exists():

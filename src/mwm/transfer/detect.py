@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..data.types import ReadOptions
 from ..errors import DataError, MWMError
-from .backbone import BackboneSpec, resolve_weights
+from ..weights import BackboneSpec, resolve_weights
 from .selection import BestOnVal
 
 __all__ = ["DetectConfig", "detect", "mask_to_instances", "resnet_backbone", "build_model", "detection_metrics",
@@ -240,7 +240,7 @@ def resnet_backbone(spec: BackboneSpec, norm_layer=None) -> torch.nn.Module:
     model = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer or FrozenBatchNorm2d)
     sd = spec.state_dict
     if sd is None and spec.hub:
-        from .backbone import create_backbone
+        from ..weights import create_backbone
 
         sd = create_backbone(spec).state_dict()
     if sd is not None:

@@ -46,7 +46,7 @@ from torch import nn
 from ..data.types import ReadOptions
 from ..errors import DataError, MWMError
 from ..train.config import AugmentConfig
-from .backbone import BackboneSpec, create_backbone, resolve_weights
+from ..weights import BackboneSpec, create_backbone, resolve_weights
 from .selection import BestOnVal
 
 __all__ = ["SegmentConfig", "segment", "UNetDecoder", "SegmentationModel", "build_model", "load_segmenter",

@@ -1,4 +1,7 @@
-"""Where the encoder comes from: ``--weights RUN/encoder.pth`` (or ``RUN/``), ``none`` (random init) or
+"""timm encoder weights, read and checked in one place (a base module: ``mwm.transfer`` builds its backbones
+with it, ``mwm pretrain --init`` and ``mwm vlm train --image-init`` start from it).
+
+Where the encoder comes from: ``--weights RUN/encoder.pth`` (or ``RUN/``), ``none`` (random init) or
 ``timm`` (the arch's ImageNet weights from the hub, for users who are online).
 
 :func:`resolve_weights` turns the option into a :class:`BackboneSpec` (arch, timm kwargs, state dict, input
@@ -6,11 +9,13 @@ normalization) *before* anything is built, so a wrong path fails in a second wit
 pass; :func:`create_backbone` builds the timm model and proves that only classifier keys were left out.
 :func:`read_state_dict` reads a weights file (``.pth``/``.pt``/``.bin`` or ``.safetensors``), unwrapping the
 ``{"model": sd}`` / ``{"state_dict": sd}`` / ``{"module": sd}`` containers that timm, DeiT, MAE and Lightning
-checkpoints use, and names a Detectron2 checkpoint as one. ``mwm pretrain --init`` shares all three.
+checkpoints use, and names a Detectron2 checkpoint as one. :func:`resolve_init` turns an ``--init``
+value (``none`` | ``imagenet`` | a file or run folder) into checked weights with their sha256.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +23,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import MWMError
+from .errors import MWMError
+from .io import file_sha256
 
 __all__ = ["BackboneSpec", "resolve_weights", "create_backbone", "read_state_dict", "load_timm_weights",
-           "detectron2_keys", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "detectron2_keys", "classifier_keys", "InitWeights", "resolve_init", "tensors_sha256",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of a timm model's classifier (``fc.*`` for ResNet, ``head.fc.*`` for ConvNeXt, ``head.*``
+    for ViT), found from the model's pretrained_cfg so no name is hard-coded."""
+    names = model.pretrained_cfg.get("classifier", "fc")
+    names = [names] if isinstance(names, str) else list(names)
+    return {k for k in model.state_dict() if any(k == n or k.startswith(n + ".") for n in names)}
 
 
 @dataclass
@@ -127,8 +142,6 @@ def load_timm_weights(model: nn.Module, sd: dict, source: str, arch: str, kwargs
     """
     from timm.models.vision_transformer import VisionTransformer
 
-    from ..mim import classifier_keys
-
     kwargs = kwargs or {}
     if isinstance(model, VisionTransformer):
         from timm.models.vision_transformer import checkpoint_filter_fn
@@ -219,3 +232,84 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _is_head(key: str) -> bool:
     return key.split(".")[0] in ("fc", "head", "classifier", "norm", "fc_norm", "head_drop", "global_pool")
+
+
+# -- --init: the weights a model starts from ------------------------------------------------------------------
+INIT_HINT = "`--init none` for random init, or `--init imagenet` for timm's ImageNet weights (online)"
+
+
+@dataclass
+class InitWeights:
+    """source: what ``--init`` resolved to; sha256: of the weights file (``imagenet``: of the tensors, in key
+    order); state_dict: the dense timm weights without the classifier."""
+
+    source: str
+    sha256: str
+    state_dict: dict[str, torch.Tensor]
+
+
+def tensors_sha256(sd: dict[str, torch.Tensor]) -> str:
+    """A hash of a state dict's names, dtypes, shapes and values (independent of how it was stored)."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _imagenet(arch: str, kwargs: dict) -> tuple[nn.Module, str]:
+    """timm's pretrained model for ``arch`` and where its weights come from; offline → :class:`MWMError`."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    pc = get_pretrained_cfg(arch)
+    hub_id = getattr(pc, "hf_hub_id", None) if pc is not None else None
+    url = getattr(pc, "url", None) if pc is not None else None
+    if not (hub_id or url):
+        raise MWMError(f"--init imagenet: timm has no pretrained weights for '{arch}'; pass --init PATH (a checkpoint "
+                       f"of a '{arch}') or --init none")
+    where = f"https://huggingface.co/{hub_id}/resolve/main/model.safetensors" if hub_id else url
+    try:
+        return timm.create_model(arch, pretrained=True, **kwargs), (f"hf-hub:{hub_id}" if hub_id else url)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise MWMError(f"--init imagenet: cannot get timm's ImageNet weights for '{arch}' ({type(e).__name__}: "
+                       f"{first}); this machine looks offline. On a machine "
+                       f"with internet download {where} (or run python -c \"import timm; timm.create_model('{arch}', "
+                       "pretrained=True)\" there and copy the Hugging Face cache), then pass --init "
+                       "/path/to/model.safetensors") from e
+
+
+def resolve_init(init: str, arch: str, kwargs: dict, expect_sha256: str | None = None) -> InitWeights | None:
+    """Read and check the ``--init`` weights for a timm ``arch`` built with ``kwargs`` (the pretraining encoder's:
+    ``in_chans``, a ViT's ``img_size`` …). Returns None for ``none``.
+
+    Raises :class:`MWMError` for a missing/unreadable file, another arch (``encoder.json``, or keys and shapes
+    that do not fit: only the classifier may be missing), no network for ``imagenet``, and a hash other than
+    ``expect_sha256`` (a config.yaml of an earlier run pins its init).
+    """
+    key = str(init).strip()
+    if key.lower() in ("none", "random"):
+        return None
+    if key.lower() in ("imagenet", "timm"):
+        model, source = _imagenet(arch, kwargs)
+        sd = model.state_dict()
+        sha = tensors_sha256({k: v for k, v in sd.items() if k not in classifier_keys(model)})
+        source = f"imagenet ({source})"
+    else:
+        spec = resolve_weights(key, arch, option="--init", hint=INIT_HINT)
+        path = Path(spec.source)
+        # the pretraining encoder's kwargs, not the file's: a ViT encoder.pth of a 64 px run initialises a 224 px
+        # pretraining (timm's filter resamples pos_embed)
+        spec.kwargs = dict(kwargs)
+        model = create_backbone(spec)
+        sd = model.state_dict()
+        sha = file_sha256(path)
+        source = str(path)
+    if expect_sha256 and sha != expect_sha256:
+        raise MWMError(f"--init {key}: the weights' sha256 is {sha[:16]}…, but the config names init_sha256 "
+                       f"{expect_sha256[:16]}… (the file changed since that config.yaml was written); pass the "
+                       "original weights, or drop init_sha256 to start from these")
+    drop = classifier_keys(model)
+    return InitWeights(source=source, sha256=sha, state_dict={k: v for k, v in sd.items() if k not in drop})
