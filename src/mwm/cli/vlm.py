@@ -30,6 +30,9 @@ def train(
                                                      "open_clip name. [default: tiny]")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Weights for an open_clip --init name: tag, file or "
                                                            "random.")] = None,
+    image_init: Annotated[Optional[str], typer.Option(help="imagenet or a timm checkpoint / encoder.pth for the "
+                                                           "image tower, when it is a timm model (BiomedCLIP). "
+                                                           "[default: none]")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs in total (also when resuming). [default: 15]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Pairs per step. [default: 32]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW). [default: 5e-4]")] = None,
@@ -55,7 +58,7 @@ def train(
 
     cfg = resolve(VLMTrainConfig, config, set_, {
         "data": data, "out": out_dir, "captions": captions, "template": template, "modality": modality, "init": init,
-        "pretrained": pretrained, "epochs": epochs, "batch_size": batch_size, "lr": lr, "size": size, "seed": seed,
+        "pretrained": pretrained, "image_init": image_init, "epochs": epochs, "batch_size": batch_size, "lr": lr, "size": size, "seed": seed,
         "device": device})
     with warnings.catch_warnings():
         warnings.simplefilter("default")

@@ -111,6 +111,8 @@ class VLMTrainConfig(BaseModel):
     modality: str = "medical"
     init: str = Field(default="tiny", description="tiny, a VLM folder, hf-hub:org/repo, or an open_clip name")
     pretrained: Optional[str] = Field(default=None, description="weights for an open_clip name: tag, file or random")
+    image_init: str = Field(default="none", description="none, imagenet or a timm checkpoint/encoder.pth for the "
+                            "image tower, when it is a timm model (open_clip TimmModel, as in BiomedCLIP)")
     model: TinyClipConfig = TinyClipConfig()
     # Tuned on 512 phantoms at 64 px (358 train) with the tiny model: batch 32 / lr 5e-4 beat 64 / 1e-3 and
     # 32 / 1e-3 on held-out retrieval (t2i top-5 0.49 vs 0.46 / 0.32) with fewer loss spikes.
@@ -378,6 +380,44 @@ def _build_model(cfg: VLMTrainConfig, device: torch.device) -> _Setup:
                   max(vlm.patch_size))
 
 
+def apply_image_init(model: nn.Module, model_cfg: dict, spec: str) -> dict | None:
+    """Load timm weights into a VLM's image tower (``--image-init``): ``imagenet`` or a checkpoint file / run
+    folder, read and checked by :func:`mwm.weights.resolve_init` as ``mwm pretrain --init`` does. Applies where the
+    tower is a timm model (open_clip's ``TimmModel``: BiomedCLIP's ViT-B/16, or any ``timm_model_name`` config),
+    e.g. to start BiomedCLIP fine-tuning from an encoder pretrained on the user's scans.
+
+    Args:
+        model: the open_clip model (``model.visual.trunk`` is the timm trunk).
+        model_cfg: its open_clip config (``vision_cfg.timm_model_name`` names the arch).
+        spec: ``none`` | ``imagenet`` | PATH.
+
+    Returns:
+        None for ``none``; else ``{source, sha256, tensors, unused}`` for metrics.json.
+    """
+    from ..weights import resolve_init
+
+    if spec.strip().lower() in ("none", "random"):
+        return None
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    arch = (model_cfg.get("vision_cfg") or {}).get("timm_model_name")
+    if trunk is None or not arch:
+        raise VLMTrainError(f"--image-init {spec}: the image tower is open_clip's own "
+                            f"{type(getattr(model, 'visual', model)).__name__}, not a timm model, so timm weights do "
+                            "not apply; start from a VLM with a timm image tower (--init DIR|hf-hub:…, e.g. "
+                            "BiomedCLIP), or drop --image-init")
+    kwargs = {"img_size": tuple(trunk.patch_embed.img_size)} if hasattr(trunk, "patch_embed") else {}
+    init = resolve_init(spec, arch, kwargs)
+    try:
+        missing, unexpected = trunk.load_state_dict(init.state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        raise VLMTrainError(f"--image-init {spec} does not fit the image tower '{arch}': "
+                            f"{str(e).splitlines()[-1].strip()}") from e
+    if missing:
+        raise VLMTrainError(f"--image-init {spec}: no weights for {sorted(missing)[:5]} of the image tower '{arch}'")
+    return {"source": init.source, "sha256": init.sha256, "tensors": len(init.state_dict) - len(unexpected),
+            "unused": sorted(unexpected)}
+
+
 def _tokenize_all(tokenizer, captions: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Distinct captions tokenized once → (tokens (U, L), index (N,) into them, the distinct captions)."""
     uniq = list(dict.fromkeys(captions))
@@ -466,6 +506,11 @@ def train_vlm(cfg: VLMTrainConfig, resume: bool = False, progress: bool = True,
                                 "same options (only --epochs and --device may change) or use another --out")
 
     setup = _build_model(cfg, device)
+    # a resumed run's checkpoint holds the tower already: the init file is not read again
+    image_init = apply_image_init(setup.model, setup.model_cfg, cfg.image_init) if ck is None else None
+    if image_init is not None:
+        say(f"image tower from {image_init['source']} ({image_init['tensors']} tensors, sha256 "
+            f"{image_init['sha256'][:12]}…)")
     size = cfg.size or setup.image_size[0]  # decode at the model's input size unless told otherwise
     if size < 2 * setup.patch:
         raise VLMTrainError(f"--size {size} is smaller than two {setup.patch}-px patches of the model; use "
@@ -559,10 +604,11 @@ def train_vlm(cfg: VLMTrainConfig, resume: bool = False, progress: bool = True,
     last = rows[-1] if rows else {}
     result = {"loss": last.get("loss"), **metrics, "epoch": start_epoch + epochs_run, "epochs_run": epochs_run,
               "n_train": n, "n_eval": len(ev), "eval_split": ev.split, "eval_distinct_captions": len(ev_uniq),
-              "seconds": time.perf_counter() - t_start, "out": str(out)}
+              "seconds": time.perf_counter() - t_start, "out": str(out),
+              **({"image_init": image_init} if image_init is not None else {})}
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
-__all__ = ["VLMTrainConfig", "TinyClipConfig", "train_vlm", "load_pairs", "captions_for", "retrieval_metrics",
+__all__ = ["VLMTrainConfig", "TinyClipConfig", "train_vlm", "apply_image_init", "load_pairs", "captions_for", "retrieval_metrics",
            "random_resized_crop", "lr_factor", "Pairs", "VLMTrainError"]
