@@ -68,9 +68,71 @@ def test_optimisation_moves_alpha_and_fit(tiny_clip):
 def test_seed_changes_noise_and_layer_bounds(tiny_clip):
     st = vision_stages(tiny_clip.visual)
     x, text = torch.randn(1, 3, 32, 32), torch.randn(1, 32)
-    a = m2ib_saliency(st, x, text, M2IBConfig(layer=2, steps=2, noise_copies=2, seed=0)).token_kl
-    b = m2ib_saliency(st, x, text, M2IBConfig(layer=2, steps=2, noise_copies=2, seed=1)).token_kl
+    a = m2ib_saliency(st, x, text, M2IBConfig(layer=2, steps=3, noise_copies=2, seed=0)).token_kl
+    b = m2ib_saliency(st, x, text, M2IBConfig(layer=2, steps=3, noise_copies=2, seed=1)).token_kl
     assert not torch.allclose(a, b)
     assert image_seed(0, "x") == image_seed(0, "x") != image_seed(1, "x")
     with pytest.raises(ValueError, match="outside the vision tower's 4 blocks"):
         m2ib_saliency(st, x, text, M2IBConfig(layer=4))
+
+
+def _kl_at_init(st, x, cfg):
+    """Per-patch KL at the initial α on the raw features (the reference's bottleneck, feature_norm none)."""
+    with torch.no_grad():
+        feats = st.run_blocks(st.embed(x), 0, cfg.layer + 1)
+        alpha = torch.full_like(feats, cfg.alpha_init)
+        kl = _kl_std_normal(torch.sigmoid(alpha) * feats, alpha).sum(-1)
+    return kl[:, st.num_prefix_tokens:].reshape(x.shape[0], *st.grid)
+
+
+def test_saliency_is_the_last_forward_pass_kl(tiny_clip):
+    # The reference reads the capacity buffered in the last forward pass, before the final Adam step:
+    # with one step, the map is the KL at the initial α (5), whatever the prompt and the noise.
+    st = vision_stages(tiny_clip.visual)
+    x, text = torch.randn(2, 3, 32, 32), torch.randn(2, 32)
+    cfg = M2IBConfig(layer=1, steps=1, noise_copies=2, feature_norm="none")
+    res = m2ib_saliency(st, x, text, cfg)
+    assert torch.equal(res.token_kl, _kl_at_init(st, x, cfg))
+    # with two steps the map is the KL after one step: it has moved from the initial one
+    two = m2ib_saliency(st, x, text, cfg.model_copy(update={"steps": 2}))
+    assert not torch.allclose(two.token_kl, res.token_kl, rtol=1e-3)
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(smallest per-map Pearson correlation, largest mean |a − b|) over a batch of maps."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a0, b0 = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    r = (a0 * b0).sum(1) / (a0.norm(dim=1) * b0.norm(dim=1))
+    return float(r.min()), float((a - b).abs().mean(1).max())
+
+
+def test_bf16_autocast_agrees_with_fp32(tiny_clip, monkeypatch):
+    import mwm.localize.m2ib as m2ib
+
+    st = vision_stages(tiny_clip.visual)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        text = tiny_clip.encode_image(x.flip(-1))  # a prompt the images relate to, so the fit term matters
+    cfg = M2IBConfig(layer=1, steps=5, noise_copies=4)
+    fp32 = m2ib_saliency(st, x, text, cfg.model_copy(update={"autocast": False}))
+    assert torch.equal(m2ib_saliency(st, x, text, cfg).saliency, fp32.saliency)  # CPU: autocast is a no-op
+    monkeypatch.setattr(m2ib, "AUTOCAST_DEVICES", ("cuda", "cpu"))
+    bf16 = m2ib_saliency(st, x, text, cfg)
+    assert not torch.equal(bf16.saliency, fp32.saliency)  # it did run in bf16
+    r, mad = _agreement(bf16.saliency, fp32.saliency)
+    assert r > 0.999 and mad < 0.01, (r, mad)  # measured: r 0.99999, mean |Δ| 0.001
+    assert torch.allclose(bf16.fit, fp32.fit, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_autocast_agrees_with_fp32_on_cuda(tiny_clip):
+    import copy
+
+    st = vision_stages(copy.deepcopy(tiny_clip).cuda().visual)
+    x = torch.randn(3, 3, 32, 32, device="cuda")
+    text = torch.randn(3, 32, device="cuda")
+    cfg = M2IBConfig(layer=1, steps=5, noise_copies=4)
+    fp32 = m2ib_saliency(st, x, text, cfg.model_copy(update={"autocast": False}))
+    bf16 = m2ib_saliency(st, x, text, cfg)
+    r, mad = _agreement(bf16.saliency, fp32.saliency)
+    assert r > 0.999 and mad < 0.01, (r, mad)

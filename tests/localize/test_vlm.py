@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -95,6 +96,62 @@ def test_preprocess_gray_normalize_and_tiny_images(biomed):
         biomed.preprocess(torch.rand(1, 1, 16, 16))
     with pytest.raises(VLMError, match="1 or 3"):
         biomed.preprocess(torch.rand(1, 2, 64, 64))
+
+
+def _smooth_image(h: int, w: int, phase: float) -> np.ndarray:
+    """uint8 (h, w, 3) with structure at several scales (no noise: PIL clips uint8 between its two passes)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 0.5 + 0.25 * np.sin(xx / 6.0 + phase) * np.cos(yy / 4.0) + 0.2 * np.sin((xx + 2 * yy) / 17.0)
+    return (np.clip(base, 0, 1)[..., None] * np.array([255, 210, 160])).astype(np.uint8)
+
+
+def _as_batch(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays]).float() / 255.0
+
+
+PIL_ATOL = 0.03  # normalized units; PIL rounds to uint8 (1/255 ≈ 0.015 here) after each of its two passes
+
+
+def test_preprocess_is_the_models_open_clip_transform(biomed):
+    # BiomedCLIP's preprocess_cfg gives mean/std only: open_clip's defaults apply (bicubic, shortest side,
+    # centre crop), as they do for the hub model; the MWM authors' HF processor does the same.
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from PIL import Image
+
+    assert biomed.interpolation == "bicubic" and biomed.resize_mode == "shortest" and biomed.resize_policy == "crop"
+    ref_tf = image_transform_v2(PreprocessCfg(**biomed.preprocess_cfg), is_train=False)
+    for h, w in [(150, 90), (60, 100)]:  # a downscale and an upscale, both non-square
+        arrays = [_smooth_image(h, w, p) for p in (0.0, 1.0)]
+        ours = biomed.preprocess(_as_batch(arrays))
+        ref = torch.stack([ref_tf(Image.fromarray(a)) for a in arrays])
+        assert ours.shape == ref.shape == (2, 3, 224, 224)
+        assert (ours - ref).abs().max() < PIL_ATOL, (h, w, float((ours - ref).abs().max()))
+    gray = _smooth_image(80, 120, 0.5)[..., 0]  # a gray PIL image is converted to RGB by open_clip
+    ours = biomed.preprocess(torch.from_numpy(gray)[None, None].float() / 255.0)
+    assert (ours[0] - ref_tf(Image.fromarray(gray))).abs().max() < PIL_ATOL
+    x = torch.rand(2, 3, 224, 224)  # already at the model's size (what `mwm localize` passes): only normalized
+    m, s = torch.tensor(biomed.mean).view(1, 3, 1, 1), torch.tensor(biomed.std).view(1, 3, 1, 1)
+    assert torch.allclose(biomed.preprocess(x), (x - m) / s, atol=1e-6)
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_prepare_images_matches_open_clip(resize_mode, interpolation):
+    from open_clip.transform import image_transform
+    from PIL import Image
+
+    from mwm.localize.vlm import prepare_images
+
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.3, 0.2)
+    for size in [(48, 48), (40, 56)]:
+        tf = image_transform(size, False, mean, std, resize_mode=resize_mode, interpolation=interpolation,
+                             fill_color=128)
+        arrays = [_smooth_image(70, 45, p) for p in (0.0, 2.0)]
+        ours = prepare_images(_as_batch(arrays), size, mean, std, interpolation=interpolation,
+                              resize_mode=resize_mode, fill_color=128)
+        ref = torch.stack([tf(Image.fromarray(a)) for a in arrays])
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() < PIL_ATOL, (size, float((ours - ref).abs().max()))
 
 
 def test_prompt_errors_and_truncation(biomed):

@@ -1,6 +1,7 @@
 """Vision–language models for stage 1: a prompt → text embedding, an image → image embedding.
 
-:class:`VLM` wraps a frozen open_clip model with its tokenizer, its preprocessing (size, mean, std)
+:class:`VLM` wraps a frozen open_clip model with its tokenizer, its preprocessing (open_clip's
+``preprocess_cfg``: size, interpolation, resize mode, mean, std; applied to batched tensors)
 and the stage view of its vision tower (:func:`mwm.localize.vision.vision_stages`), which is what
 M2IB needs to put a bottleneck after one block.
 
@@ -80,16 +81,62 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
 
 
+def _three(v) -> tuple[float, ...]:
+    """A mean/std from a preprocess_cfg (one number or one per channel) → 3 floats, as open_clip reads it."""
+    return tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * 3
+
+
+# open_clip's resize_mode → the mwm.data.transforms.Fit policy with the same geometry.
+RESIZE_POLICY = {"shortest": "crop", "longest": "pad", "squash": "stretch"}
+
+
+def resized_size(h: int, w: int, size: tuple[int, int], resize_mode: str) -> tuple[int, int]:
+    """(h', w') an h×w image is resized to before the centre crop / pad, as open_clip's ``image_transform`` does.
+
+    ``shortest`` to a square size is torchvision's ``Resize(int)`` (short side → size, long side truncated);
+    other shortest/longest cases are open_clip's ``ResizeKeepRatio`` (rounded); ``squash`` is ``size``.
+    """
+    th, tw = size
+    if resize_mode == "squash":
+        return th, tw
+    if resize_mode == "shortest" and th == tw:
+        new_long = int(th * max(h, w) / min(h, w))
+        return (th, new_long) if h <= w else (new_long, th)
+    ratio = (max if resize_mode == "longest" else min)(h / th, w / tw)
+    return round(h / ratio), round(w / ratio)
+
+
+def _center_crop_or_pad(x: torch.Tensor, out_h: int, out_w: int, fill: float) -> torch.Tensor:
+    """open_clip's ``center_crop_or_pad`` (and torchvision's ``CenterCrop``) on (..., H, W)."""
+    h, w = x.shape[-2:]
+    if out_h > h or out_w > w:
+        dw, dh = max(out_w - w, 0), max(out_h - h, 0)
+        x = F.pad(x, (dw // 2, (dw + 1) // 2, dh // 2, (dh + 1) // 2), value=fill)
+        h, w = x.shape[-2:]
+    top, left = int(round((h - out_h) / 2.0)), int(round((w - out_w) / 2.0))
+    return x[..., top:top + out_h, left:left + out_w]
+
+
 def prepare_images(images: torch.Tensor, image_size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
-                   min_side: int = 1, what: str = "the VLM's patch grid") -> torch.Tensor:
-    """Images in [0, 1] → the model's input.
+                   min_side: int = 1, what: str = "the VLM's patch grid", interpolation: str = "bilinear",
+                   resize_mode: str = "squash", fill_color: int = 0) -> torch.Tensor:
+    """Images in [0, 1] → the model's input, as open_clip's eval ``image_transform`` makes it, batched.
 
     images: float (B, C, H, W) with C = 1 or 3 (uint8 is divided by 255; (B, H, W) is gray).
-    Returns float32 (B, 3, S_h, S_w): gray repeated to 3 channels, bilinear resize with antialias
-    to ``image_size``, normalized with ``mean``/``std``. Differentiable in ``images``.
+    interpolation / resize_mode / fill_color: open_clip's ``PreprocessCfg`` fields (``bicubic`` or
+    ``bilinear``; ``shortest``: short side → size then centre crop, ``longest``: long side → size then
+    centre pad with ``fill_color``, ``squash``: straight to size). The defaults (bilinear, squash) are
+    what mwm's own training uses; :meth:`VLM.preprocess` passes the model's config.
+    Returns float32 (B, 3, S_h, S_w): gray repeated to 3 channels, resized with antialias (PIL's kernels;
+    clamped to [0, 1] as PIL's uint8 output is), normalized with ``mean``/``std``. Differentiable in ``images``.
     """
     if not isinstance(images, torch.Tensor):
         raise VLMError(f"images must be a torch.Tensor (B, C, H, W) in [0, 1], got {type(images).__name__}")
+    if interpolation == "random":
+        interpolation = "bicubic"  # open_clip: 'random' is for training; eval transforms use bicubic
+    if interpolation not in ("bicubic", "bilinear") or resize_mode not in RESIZE_POLICY:
+        raise VLMError(f"unsupported preprocessing interpolation={interpolation!r} resize_mode={resize_mode!r}: "
+                       f"set the VLM's preprocess_cfg to bicubic|bilinear and one of {', '.join(RESIZE_POLICY)}")
     x = images
     if x.ndim == 3:
         x = x.unsqueeze(1)
@@ -103,8 +150,14 @@ def prepare_images(images: torch.Tensor, image_size: tuple[int, int], mean: Sequ
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    if (h, w) != tuple(image_size):
-        x = F.interpolate(x, size=tuple(image_size), mode="bilinear", antialias=True, align_corners=False)
+    size = (int(image_size[0]), int(image_size[1]))
+    if (h, w) != size:
+        new = resized_size(h, w, size, resize_mode)
+        if resize_mode == "shortest" and size[0] != size[1]:
+            interpolation = "bicubic"  # open_clip builds this case's ResizeKeepRatio without its interpolation
+        if new != (h, w):
+            x = F.interpolate(x, size=new, mode=interpolation, antialias=True, align_corners=False).clamp(0, 1)
+        x = _center_crop_or_pad(x, *size, fill=fill_color / 255.0)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
@@ -143,21 +196,26 @@ class VLM:
     """A frozen open_clip model ready for localization.
 
     Attributes: ``model`` (eval, no grads), ``tokenizer`` (callable: list[str] → int64 (P, L)),
-    ``image_size`` (S_h, S_w), ``mean``/``std`` (3 floats), ``context_length``, ``device``, ``name``
+    ``image_size`` (S_h, S_w), ``mean``/``std`` (3 floats), ``interpolation``/``resize_mode`` (open_clip's
+    ``PreprocessCfg`` fields; defaults bicubic / shortest), ``context_length``, ``device``, ``name``
     (the spec it was loaded from), ``stages`` (:class:`~mwm.localize.vision.VisionStages`),
-    ``model_cfg``/``preprocess_cfg`` (dicts, as :func:`export_vlm` takes them).
+    ``model_cfg``/``preprocess_cfg`` (dicts, as :func:`export_vlm` takes them; ``preprocess_cfg`` complete).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Callable, name: str, device: torch.device | str = "cpu",
                  model_cfg: dict | None = None, preprocess_cfg: dict | None = None):
         import open_clip
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = str(name)
         self.model_cfg = deepcopy(model_cfg) if model_cfg is not None else {}
-        pp = dict(preprocess_cfg or open_clip.get_model_preprocess_cfg(model) or {})
+        # open_clip's defaults (PreprocessCfg: bicubic, shortest side + centre crop) under the model's own
+        # settings, as open_clip's image_transform would use them
+        pp = merge_preprocess_dict(PreprocessCfg(), dict(preprocess_cfg or open_clip.get_model_preprocess_cfg(model)
+                                                         or {}))
         try:
             self.stages: VisionStages = vision_stages(model.visual)
         except TypeError as e:  # a CNN tower (RN50…): M2IB needs token blocks
@@ -165,8 +223,10 @@ class VLM:
         self.image_size: tuple[int, int] = self.stages.image_size
         pp["size"] = list(self.image_size)
         self.preprocess_cfg = pp
-        self.mean: tuple[float, ...] = tuple(float(v) for v in pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
-        self.std: tuple[float, ...] = tuple(float(v) for v in pp.get("std", open_clip.OPENAI_DATASET_STD))
+        self.mean: tuple[float, ...] = _three(pp["mean"])
+        self.std: tuple[float, ...] = _three(pp["std"])
+        self.interpolation: str = str(pp["interpolation"])
+        self.resize_mode: str = str(pp["resize_mode"])
         ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", None)
         self.context_length: int = int(ctx)
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -216,15 +276,28 @@ class VLM:
             self._text_cache.update(zip(todo, feats))
         return torch.stack([self._text_cache[p] for p in prompts])
 
+    @property
+    def resize_policy(self) -> str:
+        """The :class:`mwm.data.transforms.Fit` policy with the geometry of :meth:`preprocess` for a
+        non-square image (``crop`` for open_clip's ``shortest``, ``pad`` for ``longest``, ``stretch`` for
+        ``squash``), up to a pixel of rounding. Images already at ``image_size`` are not moved at all."""
+        return RESIZE_POLICY[self.resize_mode]
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """float (B, C, H, W) in [0, 1], C = 1 or 3 → float (B, 3, S, S) normalized, on ``device``.
 
+        The model's own preprocessing (``preprocess_cfg``: interpolation, resize mode, mean/std), as
+        open_clip's ``image_transform`` applies it to a PIL image, on the whole batch at once. Images
+        already at ``image_size`` are only normalized, so their geometry is unchanged.
         Raises :class:`VLMError` for images smaller than two patches of the model's grid.
         """
         if isinstance(images, torch.Tensor):
             images = images.to(self.device)
+        pp = self.preprocess_cfg
         return prepare_images(images, self.image_size, self.mean, self.std, min_side=2 * max(self.patch_size),
-                              what=f"the VLM {self.name} ({max(self.patch_size)}-px patches)")
+                              what=f"the VLM {self.name} ({max(self.patch_size)}-px patches)",
+                              interpolation=self.interpolation, resize_mode=self.resize_mode,
+                              fill_color=int(pp.get("fill_color", 0)))
 
     def encode_image(self, images01: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """float (B, C, H, W) in [0, 1] → float (B, E), L2-normalized, no grad (in chunks of ``batch_size``)."""
@@ -597,5 +670,6 @@ def build_biomedclip_like(out_dir: str | Path, text_layers: int = 12, text_width
 
 
 __all__ = ["VLM", "VLMError", "PromptError", "load_vlm", "export_vlm", "build_biomedclip_like", "prepare_images",
+           "resized_size", "RESIZE_POLICY",
            "count_tokens", "tokenize", "resolve_device", "read_vlm_config", "find_weights", "default_vocab",
            "BIOMEDCLIP_HUB", "BIOMEDCLIP_MEAN", "BIOMEDCLIP_STD"]
