@@ -4,7 +4,7 @@ VENV ?= .venv
 # torch/torchvision are installed first so pip resolves the rest against them.
 # Override for another build, e.g. TORCH_SPEC="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,sam
+EXTRAS ?= test,sam,crf
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1

@@ -208,3 +208,73 @@ def test_pipeline_shapes_end_to_end():
     grown = expand_boxes(mask_to_boxes(kept.mask), 0.25)
     assert grown[0] == [pytest.approx([1 / 16, 1 / 16, 7 / 16, 7 / 16])]
     assert boxes_to_masks(grown, 16, 16)[0].sum() == 36
+
+
+# -- dense CRF (MedCLIP-SAMv2's --postprocess crf) ------------------------------------------------
+def _square_scene(h=32, w=32):
+    """A bright 12×12 square on black, and a round saliency blob centred 1.5 px off the square's centre,
+    wider than the square: a threshold cuts a disc that leaks out of the square; the CRF should not."""
+    img = torch.zeros(1, 3, h, w)
+    img[..., 8:20, 8:20] = 1.0
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    sal = torch.exp(-((yy - 15) ** 2 + (xx - 15) ** 2) / (2 * 6.0 ** 2))[None]
+    return img, sal, img[0, 0] > 0
+
+
+def test_crf_unary_is_the_reference_formula():
+    from mwm.localize.postprocess import CRF_REFERENCE, crf_unary
+
+    a = np.array([0.0, 0.25, 0.5, 1.0])
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    tau, eps = 1.05, 1e-8
+    want_bg = -np.log(1 - a + eps) / (tau * sig(1 - a))
+    want_fg = -np.log(a + eps) / (tau * sig(a))
+    u = crf_unary(torch.tensor(a)[None, None], CRF_REFERENCE)  # (1, 2, 4)
+    assert u.dtype == torch.float32 and u.shape == (1, 2, 4)
+    np.testing.assert_allclose(u[0].numpy(), np.stack([want_bg, want_fg]), rtol=1e-6)
+    assert (CRF_REFERENCE.gaussian_sxy, CRF_REFERENCE.gaussian_compat, CRF_REFERENCE.bilateral_sxy,
+            CRF_REFERENCE.bilateral_srgb, CRF_REFERENCE.bilateral_compat, CRF_REFERENCE.iterations) == (5, 3, 5, 3, 5, 1)
+
+
+def test_crf_follows_the_image_edge():
+    pytest.importorskip("pydensecrf.densecrf", reason="the optional CRF package (pip install 'mwm[crf]') is not installed")
+    img, sal, square = _square_scene()
+    mask, status = binarize(sal, "crf", image=img)
+    assert status == ["ok"] and mask.dtype == torch.bool and mask.shape == (1, 32, 32)
+    m = mask[0]
+    iou = lambda a: float((a & square).sum() / (a | square).sum())  # noqa: E731
+    assert float((m & square).sum() / m.sum()) > 0.97  # stays inside the bright square …
+    assert iou(m) > 0.85  # … and fills most of it
+    thr = binarize(sal, "threshold", 0.5).mask[0]
+    assert iou(m) > iou(thr) + 0.15  # the threshold's disc does not follow the edge
+    # the bilateral term is what follows the edge: on a flat image the CRF keeps roughly the disc
+    flat, _ = binarize(sal, "crf", image=torch.full_like(img, 0.5))
+    assert iou(flat[0]) < iou(m) - 0.15
+    # uint8 (B, H, W) images work the same
+    m8, _ = binarize(sal, "crf", image=(img[:, 0] * 255).to(torch.uint8))
+    assert torch.equal(m8, mask)
+
+
+def test_crf_statuses_and_bad_inputs():
+    pytest.importorskip("pydensecrf.densecrf", reason="the optional CRF package (pip install 'mwm[crf]') is not installed")
+    img, sal, _ = _square_scene(16, 16)
+    sal3 = torch.cat([sal, torch.full_like(sal, 0.4), sal.clone().fill_(float("nan"))])
+    mask, status = binarize(sal3, "crf", image=img.expand(3, -1, -1, -1))
+    assert status == ["ok", "constant_saliency", "nan_saliency"]
+    assert mask.shape == (3, 16, 16) and mask[0].any() and not mask[1:].any()
+    with pytest.raises(ValueError, match="needs the images"):
+        binarize(sal, "crf")
+    with pytest.raises(ValueError, match="matching the saliency"):
+        binarize(sal, "crf", image=torch.zeros(1, 3, 8, 8))
+
+
+def test_crf_missing_package_says_how_to_install(monkeypatch):
+    import sys
+
+    from mwm.errors import MWMError
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    img, sal, _ = _square_scene(16, 16)
+    with pytest.raises(MWMError, match=r"pip install 'mwm\[crf\]'"):
+        binarize(sal, "crf", image=img)

@@ -15,6 +15,7 @@ from .detect import detect
 from .finetune import finetune
 from .localize_eval import localize_eval
 from .localize import localize
+from .localize_tune import localize_tune
 from .pretrain import pretrain
 from .segment import segment
 
@@ -26,6 +27,7 @@ app.add_typer(vlm_cmds.app, name="vlm")
 app.command()(localize)
 app.command()(demo)
 app.command("localize-eval")(localize_eval)
+app.command("localize-tune")(localize_tune)
 app.command()(pretrain)
 app.command()(finetune)
 app.command()(segment)
