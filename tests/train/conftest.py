@@ -49,3 +49,13 @@ def write_manifest(npz: Path, path: Path, drop: int = 0) -> list[str]:
         lines.append(json.dumps(rec))
     path.write_text("\n".join(lines) + "\n")
     return left_out
+
+
+def small_pretrain(data, out, **kw):
+    """A one-epoch resnet18 @ 64 px pretraining config on 4 images (random masking 0.5), overridable by ``kw``."""
+    from mwm.train import PretrainConfig
+
+    base = dict(data=data, out=out, model={"arch": "resnet18", "size": 64}, accelerator="cpu", workers=0,
+                batch_size=4, limit=4, epochs=1, warmup_epochs=0, recon_images=0, log_every=1,
+                masking={"strategy": "random", "ratio": 0.5})
+    return PretrainConfig(**{**base, **kw})

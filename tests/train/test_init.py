@@ -23,14 +23,9 @@ from mwm.train.export import timm_kwargs
 from mwm.train.init import apply_init
 from mwm.weights import create_backbone, read_state_dict, resolve_init, resolve_weights
 
+from .conftest import small_pretrain
+
 runner = CliRunner()
-
-
-def small(data, out, **kw):
-    base = dict(data=data, out=out, model={"arch": "resnet18", "size": 64}, accelerator="cpu", workers=0,
-                batch_size=4, limit=4, epochs=1, warmup_epochs=0, recon_images=0, log_every=1,
-                masking={"strategy": "random", "ratio": 0.5})
-    return PretrainConfig(**{**base, **kw})
 
 
 def sha256(path) -> str:
@@ -50,7 +45,7 @@ def timm_files(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["pth", "safetensors"])
 def test_init_sets_the_encoder_to_the_file_exactly(timm_files, kind, tiny_npz, tmp_path):
-    cfg = small(tiny_npz, tmp_path, init=str(timm_files[kind]))
+    cfg = small_pretrain(tiny_npz, tmp_path, init=str(timm_files[kind]))
     model = create_mim_model(cfg.model)
     rec = apply_init(model, resolve_init(cfg.init, cfg.arch, timm_kwargs(model)))
     enc, want = model.encoder_state_dict(), timm_files["sd"]
@@ -61,7 +56,7 @@ def test_init_sets_the_encoder_to_the_file_exactly(timm_files, kind, tiny_npz, t
 
 
 def test_init_of_another_arch_is_a_clear_error(timm_files, tiny_npz, tmp_path):
-    cfg = small(tiny_npz, tmp_path / "r34", model={"arch": "resnet34", "size": 64}, init=str(timm_files["pth"]))
+    cfg = small_pretrain(tiny_npz, tmp_path / "r34", model={"arch": "resnet34", "size": 64}, init=str(timm_files["pth"]))
     with pytest.raises(MWMError, match=r"does not fit timm 'resnet34'.*different --arch"):
         pretrain(cfg)
     assert not (tmp_path / "r34" / "checkpoints").exists()
@@ -96,9 +91,9 @@ def test_cli_init_records_source_and_hash_and_resume_does_not_reload(timm_files,
 
 
 def test_continued_pretraining_from_a_run_encoder(tiny_npz, tmp_path):
-    a = pretrain(small(tiny_npz, tmp_path / "a", lr=1e-2, optimizer="adamw"))
+    a = pretrain(small_pretrain(tiny_npz, tmp_path / "a", lr=1e-2, optimizer="adamw"))
     before = torch.load(a["encoder"], weights_only=True)
-    b = pretrain(small(tiny_npz, tmp_path / "b", init=str(tmp_path / "a"), lr=1e-9, optimizer="adamw",
+    b = pretrain(small_pretrain(tiny_npz, tmp_path / "b", init=str(tmp_path / "a"), lr=1e-9, optimizer="adamw",
                        weight_decay=0, seed=7))
     assert b["init"]["source"] == str(tmp_path / "a" / "encoder.pth")
     after = torch.load(b["encoder"], weights_only=True)
@@ -114,7 +109,7 @@ def test_init_imagenet_offline_names_what_to_download(tiny_npz, tmp_path, monkey
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # nothing cached either
     with pytest.raises(MWMError) as e:
-        pretrain(small(tiny_npz, tmp_path / "run", init="imagenet"))
+        pretrain(small_pretrain(tiny_npz, tmp_path / "run", init="imagenet"))
     msg = str(e.value)
     assert "--init imagenet" in msg and "timm/resnet18" in msg and "model.safetensors" in msg
     assert "--init /path/to/model.safetensors" in msg

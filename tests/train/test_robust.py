@@ -17,20 +17,13 @@ from typer.testing import CliRunner
 from mwm.cli import app
 from mwm.errors import MWMError
 from mwm.io import lock_folder
-from mwm.train import PretrainConfig, pretrain
+from mwm.train import pretrain
 from mwm.train.checkpoint import save_checkpoint
 from mwm.train.data import join_rois, load_pretrain_data
 
-from .conftest import write_manifest
+from .conftest import small_pretrain, write_manifest
 
 runner = CliRunner()
-
-
-def small(data, out, **kw):
-    base = dict(data=data, out=out, model={"arch": "resnet18", "size": 64}, accelerator="cpu", workers=0,
-                batch_size=4, limit=4, epochs=1, warmup_epochs=0, recon_images=0, log_every=1,
-                masking={"strategy": "random", "ratio": 0.5})
-    return PretrainConfig(**{**base, **kw})
 
 
 def failed_manifest(npz, path, status="empty_roi", boxes=()):
@@ -47,7 +40,7 @@ def test_second_run_into_a_locked_folder_names_the_holder(tiny_npz, tmp_path):
     out = tmp_path / "run"
     with lock_folder(out, what="pretraining run"):
         with pytest.raises(MWMError, match=f"pid {os.getpid()}") as e:
-            pretrain(small(tiny_npz, out))
+            pretrain(small_pretrain(tiny_npz, out))
         assert "pretraining run" in str(e.value)
     assert not (out / "checkpoints").exists()  # the refused run wrote nothing
 
@@ -62,7 +55,7 @@ def test_roi_masking_without_rois_warns_records_and_cleans_orphans(tiny_npz, tmp
     orphan.write_bytes(b"half a checkpoint")
     other = out / "checkpoints" / "epoch_1.pt"  # not ours to delete
     other.write_bytes(b"x")
-    cfg = small(tiny_npz, out, rois=rois, masking={"strategy": "roi", "ratio_in": 0.8, "ratio_out": 0.2})
+    cfg = small_pretrain(tiny_npz, out, rois=rois, masking={"strategy": "roi", "ratio_in": 0.8, "ratio_out": 0.2})
     with pytest.warns(UserWarning, match="only 0 of 4 images"):
         s = pretrain(cfg)
     assert s["roi_stats"]["share"] == 0 and s["roi_stats"]["with_roi"] == 0
@@ -71,7 +64,7 @@ def test_roi_masking_without_rois_warns_records_and_cleans_orphans(tiny_npz, tmp
     assert not orphan.exists() and other.exists()
     assert any(".last.ptk3j_x9a.pt" in n for n in s["notes"])
     # --strict turns the warning into an error, before any training
-    strict = small(tiny_npz, tmp_path / "strict", rois=rois, read={"strict": True},
+    strict = small_pretrain(tiny_npz, tmp_path / "strict", rois=rois, read={"strict": True},
                    masking={"strategy": "roi", "ratio_in": 0.8, "ratio_out": 0.2})
     with pytest.raises(MWMError, match="--strict"):
         pretrain(strict)
@@ -94,10 +87,10 @@ def test_roi_share_threshold_and_boxes_that_are_no_roi(tiny_npz, tmp_path, monke
     # the fixture's manifest: most train images have a lesion box → no warning at the default 0.5 …
     good = tmp_path / "good.jsonl"
     write_manifest(tiny_npz, good)
-    d = load_pretrain_data(small(tiny_npz, tmp_path / "x", rois=good, limit=None, masking={"strategy": "roi"}))
+    d = load_pretrain_data(small_pretrain(tiny_npz, tmp_path / "x", rois=good, limit=None, masking={"strategy": "roi"}))
     assert d.roi_stats["share"] > 0.5 and d.warnings == []
     # … but a warning at min_roi_share 1.0
-    d = load_pretrain_data(small(tiny_npz, tmp_path / "x", rois=good, limit=None, min_roi_share=1.0,
+    d = load_pretrain_data(small_pretrain(tiny_npz, tmp_path / "x", rois=good, limit=None, min_roi_share=1.0,
                                  masking={"strategy": "roi"}))
     assert len(d.warnings) == 1 and "min_roi_share 100%" in d.warnings[0]
 
@@ -105,7 +98,7 @@ def test_roi_share_threshold_and_boxes_that_are_no_roi(tiny_npz, tmp_path, monke
 def test_random_masking_given_rois_warns_they_are_ignored(tiny_npz, tmp_path):
     good = tmp_path / "good.jsonl"
     write_manifest(tiny_npz, good)
-    d = load_pretrain_data(small(tiny_npz, tmp_path / "x", rois=good))
+    d = load_pretrain_data(small_pretrain(tiny_npz, tmp_path / "x", rois=good))
     assert len(d.warnings) == 1 and "does not use ROIs" in d.warnings[0] and "--masking roi" in d.warnings[0]
 
 
@@ -113,18 +106,18 @@ def test_random_masking_given_rois_warns_they_are_ignored(tiny_npz, tmp_path):
 
 def test_config_errors_unknown_arch_and_nothing_masked(tiny_npz, tmp_path):
     with pytest.raises(ValidationError, match="timm has no model 'resnt18'; did you mean resnet18"):
-        small(tiny_npz, tmp_path, model={"arch": "resnt18", "size": 64})
+        small_pretrain(tiny_npz, tmp_path, model={"arch": "resnt18", "size": 64})
     with pytest.raises(ValidationError, match="--ratio 0 masks nothing"):
-        small(tiny_npz, tmp_path, masking={"strategy": "random", "ratio": 0.0})
+        small_pretrain(tiny_npz, tmp_path, masking={"strategy": "random", "ratio": 0.0})
     with pytest.raises(ValidationError, match="ratio_in and ratio_out are both 0"):
-        small(tiny_npz, tmp_path, rois=tmp_path / "r.jsonl",
+        small_pretrain(tiny_npz, tmp_path, rois=tmp_path / "r.jsonl",
               masking={"strategy": "roi", "ratio_in": 0.0, "ratio_out": 0.0})
 
 
 @pytest.mark.parametrize("method,arch,fits", [("mae", "resnet18", "--method spark"),
                                               ("spark", "vit_tiny_patch16_224", "--method mae")])
 def test_method_of_the_wrong_family_is_a_clear_error(tiny_npz, tmp_path, method, arch, fits):
-    cfg = small(tiny_npz, tmp_path / "run", model={"method": method, "arch": arch, "size": 64})
+    cfg = small_pretrain(tiny_npz, tmp_path / "run", model={"method": method, "arch": arch, "size": 64})
     with pytest.raises(MWMError, match=fits):
         pretrain(cfg)
 
@@ -133,7 +126,7 @@ def test_out_that_is_a_file_is_a_clear_error(tiny_npz, tmp_path):
     f = tmp_path / "out.txt"
     f.write_text("x")
     with pytest.raises(MWMError, match="is a file"):
-        pretrain(small(tiny_npz, f))
+        pretrain(small_pretrain(tiny_npz, f))
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs "
@@ -170,7 +163,7 @@ def test_cli_errors_are_one_line(tiny_npz, tmp_path):
 # -- resume fingerprint covers the pixels ------------------------------------------------------------------------
 
 def test_resume_refuses_changed_image_content(tiny_npz, tmp_path):
-    cfg = small(tiny_npz, tmp_path / "run", epochs=2)
+    cfg = small_pretrain(tiny_npz, tmp_path / "run", epochs=2)
     pretrain(cfg, stop_at_epoch=1)
     z = dict(np.load(tiny_npz))
     z["images"] = (255 - z["images"]).astype(z["images"].dtype)  # same ids, other pixels

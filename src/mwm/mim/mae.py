@@ -103,7 +103,12 @@ def _mae_init_vit(model: nn.Module) -> None:
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     if getattr(model, "cls_token", None) is not None:
         nn.init.normal_(model.cls_token, std=0.02)
-    for m in model.modules():
+    _init_linears_and_norms(model)
+
+
+def _init_linears_and_norms(module: nn.Module) -> None:
+    """MAE's ``_init_weights``: every Linear xavier-uniform with zero bias, LayerNorms at 1/0."""
+    for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
@@ -229,14 +234,7 @@ class MAEDecoder(nn.Module):
     def _init(self):
         # MAE: xavier-uniform linears, zero biases, unit LayerNorms, N(0, 0.02) mask token
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_linears_and_norms(self)
 
     def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)

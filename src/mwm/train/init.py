@@ -23,7 +23,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import MWMError
-from ..weights import InitWeights, resolve_init
+from ..weights import InitWeights
 
 __all__ = ["apply_init"]
 
