@@ -163,3 +163,33 @@ def test_cli_rejects_a_bad_seed_list(phantoms_npz, tmp_path):
     r = CliRunner().invoke(app, ["bench", str(y), "--seeds", "1,1"])
     assert r.exit_code == 2 and "unique" in r.output
     assert not (tmp_path / "b").exists()
+
+
+def test_options_added_since_at_their_default_keep_a_part(tmp_path):
+    """A part recorded before an option existed is reused while that option holds its default, and rerun
+    when it does not (or when the record names an option that no longer exists)."""
+    from mwm.bench.parts import Part, PartStore, pretrain_identity
+    from mwm.train import PretrainConfig
+
+    def part(**masking):
+        pc = PretrainConfig(data=tmp_path / "d.npz", out=tmp_path / "run", model={"arch": "resnet18", "size": 64},
+                            masking={"strategy": "roi", **masking}, rois=tmp_path / "rois.jsonl")
+        return Part("pretrain", pc.out, pc.out / "summary.json", pretrain_identity(pc, "abc"), config=pc)
+
+    logs: list[str] = []
+    store = PartStore(tmp_path, logs.append)
+    now = part()
+    store.write_record(now)
+    (now.path / "summary.json").write_text("{}")
+    rec = json.loads(now.record.read_text())
+    del rec["identity"]["masking"]["no_roi"]  # as written by an mwm without the option
+    rec["hash"] = "0" * 64
+    now.record.write_text(json.dumps(rec))
+    assert store.state(part(no_roi="background")) == "stale"  # not the default: a different run
+    assert store.state(now) == "done"
+    assert json.loads(now.record.read_text())["hash"] == now.hash  # adopted under the current identity
+    rec = json.loads(now.record.read_text())
+    rec["identity"]["masking"]["gone_option"] = 1
+    rec["hash"] = "1" * 64
+    now.record.write_text(json.dumps(rec))
+    assert store.state(now) == "stale"

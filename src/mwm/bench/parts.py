@@ -8,11 +8,15 @@ manifest, a task's ``encoder.pth``), so a changed ROI manifest reruns the guided
 encoder reruns its tasks. The identity and its SHA-256 are written to ``bench_part.json`` inside a run folder
 (``<stem>.bench_part.json`` beside a manifest) when the part starts, before any of its output.
 
-A part is *done* when its record's hash equals the requested one and its finished-marker file
+A part is *done* when its record's identity equals the requested one and its finished-marker file
 (``summary.json`` / ``metrics.json`` / the manifest) exists; *partial* (resume it) when the hash matches
 but the marker is missing; *stale* when the hash differs or there is no record (made by an mwm before records
 existed: whatever config it says it used cannot be checked against what actually ran, so it is not adopted).
 A stale part is never deleted: :meth:`PartStore.retire` moves it to ``OUT/stale/<part>-<old hash[:8]>/``.
+
+Equal identities: the same hash, or the same settings where an option the record does not have (added to mwm
+after the part was made) holds its default now — a new option whose default keeps the old behaviour must not
+throw away a long bench's finished parts. Such a record is rewritten with the current identity.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class Part:
     marker: Path
     identity: dict
     extra: list[Path] = field(default_factory=list)
+    config: Any = None  # the pydantic config behind ``identity``: its field defaults judge options a record lacks
 
     @property
     def is_folder(self) -> bool:
@@ -119,6 +124,47 @@ def config_diff(old: dict, new: dict, limit: int = 3) -> str:
     return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+_NO_DEFAULT = object()
+
+
+def _default_at(config: Any, key: str) -> Any:
+    """The default of the option at dotted ``key`` of a pydantic ``config`` (JSON form), walking the config's own
+    nested models; ``_NO_DEFAULT`` when there is none (a required field, a dict entry, no config)."""
+    from pydantic import BaseModel
+
+    *parents, leaf = key.split(".")
+    obj = config
+    for name in parents:
+        obj = getattr(obj, name, None)
+    if not isinstance(obj, BaseModel) or leaf not in type(obj).model_fields:
+        return _NO_DEFAULT
+    f = type(obj).model_fields[leaf]
+    if f.is_required():
+        return _NO_DEFAULT
+    value = f.get_default(call_default_factory=True)
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else json.loads(json.dumps(value,
+                                                                                                  default=str))
+
+
+def same_settings(stored: dict | None, current: dict, config: Any) -> bool:
+    """True when a record's identity ``stored`` equals ``current`` except for options the record lacks whose
+    current value is their default in ``config`` (options added to mwm since the part was made)."""
+    if not isinstance(stored, dict) or config is None:
+        return False
+    a, b = _flat(stored), _flat(current)
+    for k in a.keys() | b.keys():
+        if k in a and k in b:
+            if a[k] != b[k]:
+                return False
+        elif k in a:  # an option that no longer exists: its effect cannot be judged
+            return False
+        else:
+            default = _default_at(config, k)
+            if default is _NO_DEFAULT or default != b[k]:
+                return False
+    return True
+
+
 class PartStore:
     """Checks, records and retires the parts under one bench output folder ``out``."""
 
@@ -140,7 +186,9 @@ class PartStore:
                 return "missing"
             return "stale"  # made by an mwm without part records (or its record was lost): not adopted
         if rec["hash"] != part.hash:
-            return "stale"
+            if not same_settings(rec.get("identity"), part.identity, part.config):
+                return "stale"
+            self.write_record(part)  # only options added since, at their defaults: adopt under the new identity
         return "done" if part.marker.is_file() else "partial"
 
     def check(self, part: Part, retire: bool = True) -> State:

@@ -217,7 +217,7 @@ def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
     pc = pretrain_config(cfg, arm, seed, rois)
     out = Path(pc.out)
     part = Part(f"pretrain {arm.name} seed {seed}", out, out / "summary.json",
-                pretrain_identity(pc, None if pc.rois is None else sha(Path(pc.rois))))
+                pretrain_identity(pc, None if pc.rois is None else sha(Path(pc.rois))), config=pc)
     state = store.check(part, retire=build)
     if state == "done":
         return json.loads(part.marker.read_text())
@@ -234,7 +234,7 @@ def _task(cfg: BenchConfig, task: TaskConfig, arm: str, weights: str, encoder_sh
     """The task's finished metrics (running it when ``build``), else None."""
     tc = task_config(cfg, task, seed, weights, out)
     part = Part(f"{task.label} on {arm} seed {seed}", out, out / "metrics.json",
-                task_identity(task.kind, tc, encoder_sha))
+                task_identity(task.kind, tc, encoder_sha), config=tc)
     state = store.check(part, retire=build)
     if state == "done":
         return json.loads(part.marker.read_text())
