@@ -7,12 +7,14 @@ Example (configs/bench/br35h_r18_64.yaml)::
     arch: resnet18
     size: 64
     seeds: [0, 1, 2]
-    rois: {source: gt-boxes, expand: 0.1}
+    rois: {source: gt-boxes, expand: 0.1}   # or {source: foreground, kind: lungs}
     pretrain: {epochs: 10, batch_size: 64}
     arms:
       - {name: scratch, pretrain: false}
       - {name: random-0.6, masking: {strategy: random, ratio: 0.6}}
       - {name: mwm-0.8-0.2, masking: {strategy: roi, ratio_in: 0.8, ratio_out: 0.2}}
+      - {name: mwm-degraded, masking: {strategy: roi, ratio_in: 0.8, ratio_out: 0.2},
+         rois: {source: gt-boxes, perturb: {precision: 0.3, recall: 0.9}, seed: 0}}
     baseline: random-0.6
     tasks:
       - {kind: linear}
@@ -29,6 +31,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..localize.perturb import PerturbConfig
+
 __all__ = ["BenchConfig", "ArmConfig", "RoiSourceConfig", "TaskConfig", "TASK_KINDS"]
 
 TASK_KINDS = ("linear", "full", "segment", "detect")
@@ -36,23 +40,35 @@ TASK_KINDS = ("linear", "full", "segment", "detect")
 
 class RoiSourceConfig(BaseModel):
     """Where guided arms get their ROIs: ``gt-boxes`` (expanded boxes around the ground-truth masks — an oracle
-    upper bound), ``manifest`` (a ``rois.jsonl`` from ``mwm localize`` at ``path``) or ``none``."""
+    upper bound; with ``perturb`` degraded to a target occlusion precision/recall or moved to random places),
+    ``foreground`` (classical lung-field / body boxes, ``kind``; no masks or prompts needed), ``manifest`` (a
+    ``rois.jsonl`` from ``mwm localize`` at ``path``) or ``none``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["none", "gt-boxes", "manifest"] = "none"
+    source: Literal["none", "gt-boxes", "foreground", "manifest"] = "none"
     path: Path | None = None
-    expand: float = Field(default=0.1, ge=0, description="gt-boxes: margin as a fraction of the box size")
+    expand: float = Field(default=0.1, ge=0, description="gt-boxes / foreground: margin as a fraction of the box "
+                          "size")
     box_mode: Literal["union", "per_component"] = "union"
-    fallback: Path | None = Field(default=None, description="gt-boxes: a rois.jsonl from `mwm localize` whose ROIs "
-                                  "serve the images without a ground-truth mask")
+    fallback: Path | None = Field(default=None, description="gt-boxes / foreground: a rois.jsonl from `mwm localize` "
+                                  "whose ROIs serve the images without a box")
+    perturb: PerturbConfig | None = Field(default=None, description="gt-boxes: degrade the boxes, e.g. {precision: "
+                                          "0.3, recall: 0.9} or {place: random}")
+    seed: int = Field(default=0, ge=0, description="perturb: seed of the draws (with each image id)")
+    kind: Literal["lungs", "body"] = Field(default="lungs", description="foreground: lung fields or the body/head")
 
     @model_validator(mode="after")
     def _path(self) -> "RoiSourceConfig":
         if self.source == "manifest" and self.path is None:
             raise ValueError("rois.source 'manifest' needs rois.path (the rois.jsonl `mwm localize` wrote)")
-        if self.fallback is not None and self.source != "gt-boxes":
-            raise ValueError("rois.fallback fills images without a mask and needs rois.source 'gt-boxes'")
+        if self.fallback is not None and self.source not in ("gt-boxes", "foreground"):
+            raise ValueError("rois.fallback fills images without a box and needs rois.source 'gt-boxes' or "
+                             "'foreground'")
+        if self.perturb is not None and self.source != "gt-boxes":
+            raise ValueError("rois.perturb degrades ground-truth boxes and needs rois.source 'gt-boxes'")
+        if self.perturb is not None and self.perturb.has_targets and self.box_mode != "union":
+            raise ValueError("rois.perturb with precision/recall makes one box per image; use box_mode 'union'")
         return self
 
 
@@ -134,8 +150,8 @@ class BenchConfig(BaseModel):
         guided = [a.name for a in self.arms if a.pretrain and a.strategy in NEEDS_ROI
                   and (a.rois or self.rois).source == "none"]
         if guided:
-            raise ValueError(f"arms {guided} need ROIs: set rois.source (of the bench or the arm) to gt-boxes or "
-                             "manifest")
+            raise ValueError(f"arms {guided} need ROIs: set rois.source (of the bench or the arm) to gt-boxes, "
+                             "foreground or manifest")
         names = [a.name for a in self.arms]
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline '{self.baseline}' is not an arm; arms are {names}")

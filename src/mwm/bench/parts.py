@@ -71,10 +71,17 @@ def task_identity(kind: str, tc: Any, encoder_sha: str | None) -> dict:
 
 
 def rois_identity(data: Path, source: Any) -> dict:
-    """A gt-boxes manifest's identity: the data, expansion and box mode, the fallback manifest by content."""
+    """A gt-boxes / foreground manifest's identity: the data, expansion and box mode, the fallback manifest by
+    content; ``perturb`` and its ``seed`` (gt-boxes), ``kind`` (foreground). Settings that cannot change the
+    manifest (the seed without perturb, the kind of gt-boxes) are left out, so changing them rebuilds nothing."""
     fb = source.fallback
-    return {"part": "rois", "source": source.source, "data": str(data), "expand": source.expand,
-            "box_mode": source.box_mode, "fallback": None if fb is None else {"sha256": file_sha256(fb)}}
+    ident = {"part": "rois", "source": source.source, "data": str(data), "expand": source.expand,
+             "box_mode": source.box_mode, "fallback": None if fb is None else {"sha256": file_sha256(fb)}}
+    perturb = getattr(source, "perturb", None)
+    ident["perturb"] = None if perturb is None else {**perturb.model_dump(mode="json"), "seed": source.seed}
+    if source.source == "foreground":
+        ident["kind"] = source.kind
+    return ident
 
 
 @dataclass

@@ -4,8 +4,8 @@ Layout under ``OUT``::
 
     config.yaml                   the resolved bench config
     .mwm.lock                     held for the whole run (a second bench into OUT fails naming the holder)
-    rois.jsonl                    gt-boxes manifest (when rois.source = gt-boxes) + rois.bench_part.json
-    rois-<arm>.jsonl              an arm's own gt-boxes manifest (when the arm sets rois)
+    rois.jsonl                    gt-boxes / foreground manifest (when rois.source is one) + rois.bench_part.json
+    rois-<arm>.jsonl              an arm's own gt-boxes / foreground manifest (when the arm sets rois)
     runs/<arm>/seed<k>/pretrain/  a `mwm pretrain` run folder (summary.json once finished)
     runs/<arm>/seed<k>/<task>/    a transfer run folder (metrics.json once finished)
     stale/<part>-<hash8>/         parts made with another config, moved aside (never deleted)
@@ -159,8 +159,8 @@ def check_bench(cfg: BenchConfig) -> None:
 # -- the parts ---------------------------------------------------------------------------------------------
 
 def _prepare_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: PartStore, build: bool) -> Path | None:
-    """The manifest for one ROI source: ``rois.path`` as given, or gt-boxes (+ fallback) written to ``path``
-    unless a current one is there. ``build=False`` (tables only): None when it is missing or not current."""
+    """The manifest for one ROI source: ``rois.path`` as given, or gt-boxes (perturbed or not) / foreground boxes
+    (+ fallback) written to ``path`` unless a current one is there. ``build=False`` (tables only): None when it is missing or not current."""
     if src.source == "manifest":
         if not path.is_file():
             if not build:
@@ -171,14 +171,16 @@ def _prepare_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: Par
 
     if src.fallback is not None and not Path(src.fallback).is_file():
         raise MWMError(f"rois.fallback {src.fallback}: no such manifest; run `mwm localize` first")
+    # config=src: a record made before an option existed (perturb, seed, kind) is kept while it holds its default
     part = Part(f"ROI manifest {path.name}", path, path, rois_identity(cfg.data, src),
-                extra=[path.with_name(path.stem + ".meta.json")])
+                extra=[path.with_name(path.stem + ".meta.json")], config=src)
     state = store.check(part, retire=build)
     if state == "done":
         return path
     if not build:
         return None
-    write_gt_rois(cfg.data, path, expand=src.expand, box_mode=src.box_mode, fallback=src.fallback)
+    write_gt_rois(cfg.data, path, expand=src.expand, box_mode=src.box_mode, fallback=src.fallback,
+                  source=src.source, perturb=src.perturb, seed=src.seed, kind=src.kind)
     store.write_record(part)
     return path
 

@@ -166,20 +166,53 @@ def phantoms(
 @app.command("gt-rois")
 @handle_errors
 def gt_rois_cmd(
-    source: Annotated[Path, typer.Argument(help="npz with masks (+ mask_valid; without it every mask is an annotation).")],
+    source: Annotated[Path, typer.Argument(help="npz with masks (+ mask_valid; without it every mask is an annotation); "
+                                                "with --source foreground any readable data.")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT.jsonl", help="ROI manifest to write.")],
     expand: Annotated[float, typer.Option(help="Box margin ratio per side (as mwm localize).")] = 0.1,
     box_mode: Annotated[str, typer.Option(help="union (one box) or per_component.")] = "union",
     fallback: Annotated[Optional[Path], typer.Option(
-        help="rois.jsonl from `mwm localize` on the same data: its ROIs for the images without a mask.")] = None,
+        help="rois.jsonl from `mwm localize` on the same data: its ROIs for the images without a box.")] = None,
+    roi_source: Annotated[str, typer.Option("--source", help="gt-boxes (around the masks) or foreground "
+                                            "(classical lung-field / body boxes, no masks needed).")] = "gt-boxes",
+    kind: Annotated[str, typer.Option(help="foreground: lungs (dark regions inside the body) or body "
+                                      "(largest bright component, e.g. the head).")] = "lungs",
+    precision: Annotated[Optional[float], typer.Option(
+        help="perturb: target occlusion precision of each box (with --recall), e.g. 0.3.")] = None,
+    recall: Annotated[Optional[float], typer.Option(
+        help="perturb: target occlusion recall of each box (with --precision), e.g. 0.9.")] = None,
+    place: Annotated[Optional[str], typer.Option(
+        help="perturb: target (a box meeting --precision/--recall) or random (the same size at a random "
+             "place; the gt box's size without --precision/--recall).")] = None,
+    seed: Annotated[int, typer.Option(help="perturb: seed of the draws (with each image id).")] = 0,
 ):
-    """ROI manifest from ground-truth masks (the gt-boxes oracle; e.g. lung-field boxes for pretraining).
+    """ROI manifest without a localizer: boxes around ground-truth masks (the gt-boxes oracle; e.g. lung-field boxes
+    for pretraining), degraded ones (--precision/--recall, --place random), or classical foreground boxes.
 
-    Example: mwm data gt-rois ../shared/data/kermany_cxr.npz lung_rois.jsonl --expand 0.05
+    Examples: mwm data gt-rois ../shared/data/kermany_cxr.npz lung_rois.jsonl --expand 0.05;
+    mwm data gt-rois ../shared/data/br35h.npz degraded.jsonl --precision 0.3 --recall 0.9 --seed 0;
+    mwm data gt-rois ../shared/data/chest_ct.npz ct_lungs.jsonl --source foreground --kind lungs
     """
-    from ..localize.gt_rois import write_gt_rois
+    from pydantic import ValidationError
 
-    meta = write_gt_rois(source, out_path, expand, box_mode, fallback)  # type: ignore[arg-type]
-    more = f" ({meta['n_gt']} from masks, {meta['n_fallback']} from {fallback})" if fallback else ""
+    from ..config import ConfigError
+    from ..localize.gt_rois import write_gt_rois
+    from ..localize.perturb import PerturbConfig
+
+    perturb = None
+    if precision is not None or recall is not None or place is not None:
+        try:
+            perturb = PerturbConfig(precision=precision, recall=recall, place=place or "target")
+        except ValidationError as e:
+            raise ConfigError("--precision/--recall/--place: " + "; ".join(
+                err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+    meta = write_gt_rois(source, out_path, expand, box_mode, fallback,  # type: ignore[arg-type]
+                         source=roi_source, perturb=perturb, seed=seed, kind=kind)  # type: ignore[arg-type]
+    n_own = meta.get("n_gt", meta.get("n_foreground"))
+    more = f" ({n_own} from {meta['source']}, {meta['n_fallback']} from {fallback})" if fallback else ""
     console.print(f"wrote {out_path}: {meta['n_with_roi']} of {meta['n_images']} images with an ROI{more}",
                   highlight=False)
+    if perturb is not None:
+        pm = meta["perturb"]
+        console.print(f"perturbed {pm['n']} boxes: mean occlusion precision {pm['achieved_precision']}, "
+                      f"recall {pm['achieved_recall']}", highlight=False)

@@ -1,9 +1,13 @@
-"""ROI manifests from ground-truth masks: the oracle ROI source (``gt-boxes``) for benchmarks, and the
-way to pretrain with lung-field boxes on data whose masks are known.
+"""ROI manifests without a localizer: the oracle ROI source (``gt-boxes``) for benchmarks, the way to pretrain
+with lung-field boxes on data whose masks are known, degraded oracle boxes (``perturb``) and classical
+``foreground`` boxes (lung fields / body, :mod:`mwm.localize.foreground`) for data with neither masks nor prompts.
 
 Each annotated image gets the box(es) around its mask's connected components (one union box by default)
 expanded by the same margin rule as ``mwm localize``; images without a valid or with an empty mask get
-``status: "no_gt"`` (no ROI), so the manifest always lists every image.
+``status: "no_gt"`` (no ROI), so the manifest always lists every image. With ``perturb``
+(:mod:`mwm.localize.perturb`) the gt box of each annotated image is replaced by one with the target occlusion
+precision/recall, or moved to a random place; each such record carries ``perturb: {precision, recall}`` (the
+values it achieves against its mask) and ``meta.json`` their means.
 """
 
 from __future__ import annotations
@@ -12,21 +16,33 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from ..data import open_source
 from ..errors import DataError
 from ..io import atomic_write_text
+from .perturb import PerturbConfig, achieved, perturb_boxes
 from .postprocess import expand_boxes, mask_to_boxes
+
+ROI_SOURCES = ("gt-boxes", "foreground")
+
+
+def _round(boxes: list) -> list:
+    return [[round(float(v), 6) for v in b] for b in boxes]
 
 
 def gt_rois(data: str | Path, expand: float = 0.1, box_mode: Literal["union", "per_component"] = "union",
-            prompt: str = "gt-boxes") -> list[dict]:
-    """One manifest record per image of ``data`` (an npz with ``masks``/``mask_valid``)."""
+            prompt: str = "gt-boxes", perturb: PerturbConfig | dict | None = None, seed: int = 0) -> list[dict]:
+    """One manifest record per image of ``data`` (an npz with ``masks``/``mask_valid``); ``perturb``: degrade
+    the boxes (see :mod:`mwm.localize.perturb`; draws seeded by ``seed`` and the image id)."""
     src = open_source(data)
     masks = getattr(src, "masks", None)
     if masks is None:
         raise DataError(f"{data}: has no 'masks'; gt-boxes needs an npz with masks and mask_valid")
+    pc = PerturbConfig.model_validate(perturb) if isinstance(perturb, dict) else perturb
+    if pc is not None and pc.has_targets and box_mode != "union":
+        raise DataError(f"{data}: perturb with precision/recall makes one box per image; use box_mode union")
     valid = src.mask_valid
     recs = []
     h, w = masks.shape[1:3]
@@ -37,8 +53,22 @@ def gt_rois(data: str | Path, expand: float = 0.1, box_mode: Literal["union", "p
             boxes = expand_boxes(mask_to_boxes(torch.from_numpy(masks[i] > 0), box_mode), expand)
             status = "ok"
         recs.append({"image": image_id, "width": int(w), "height": int(h),
-                     "boxes": [[round(float(v), 6) for v in b] for b in boxes], "prompt": prompt, "status": status})
+                     "boxes": _round(boxes), "prompt": prompt, "status": status})
+    if pc is not None:
+        idx = [i for i, r in enumerate(recs) if r["status"] == "ok"]
+        moved = perturb_boxes(masks[idx], [recs[i]["image"] for i in idx], [recs[i]["boxes"] for i in idx], pc, seed)
+        prec, rec = achieved(masks[idx], moved)
+        for i, b, p, r in zip(idx, moved, prec, rec):
+            recs[i].update(boxes=_round(b), perturb={"precision": round(float(p), 4), "recall": round(float(r), 4)})
     return recs
+
+
+def perturb_summary(recs: list[dict], pc: PerturbConfig, seed: int) -> dict:
+    """meta.json's ``perturb``: the settings and the achieved means over the perturbed records."""
+    got = [r["perturb"] for r in recs if "perturb" in r and r.get("source") != "fallback"]
+    mean = (lambda k: round(float(np.mean([g[k] for g in got])), 4) if got else None)
+    return {**pc.model_dump(), "seed": seed, "n": len(got), "achieved_precision": mean("precision"),
+            "achieved_recall": mean("recall")}
 
 
 def with_fallback(recs: list[dict], fallback: list[dict], where: str = "fallback manifest") -> tuple[list[dict], int]:
@@ -66,23 +96,43 @@ def with_fallback(recs: list[dict], fallback: list[dict], where: str = "fallback
 
 
 def write_gt_rois(data: str | Path, out: str | Path, expand: float = 0.1,
-                  box_mode: Literal["union", "per_component"] = "union", fallback: str | Path | None = None) -> dict:
-    """Write the manifest (atomically) and a meta.json beside it; returns counts.
+                  box_mode: Literal["union", "per_component"] = "union", fallback: str | Path | None = None, *,
+                  source: Literal["gt-boxes", "foreground"] = "gt-boxes", perturb: PerturbConfig | dict | None = None,
+                  seed: int = 0, kind: Literal["lungs", "body"] = "lungs") -> dict:
+    """Write the manifest (atomically) and a meta.json beside it; returns the meta (counts, settings).
 
-    ``fallback``: a ``rois.jsonl`` (from ``mwm localize``) whose ROIs are used for the images without a
-    ground-truth mask — e.g. lung-field boxes where lung masks exist and localized lungs elsewhere.
+    source: ``gt-boxes`` (boxes around the masks, optionally ``perturb``-ed with ``seed``) or ``foreground``
+    (classical ``kind`` boxes for every image, :func:`mwm.localize.foreground.foreground_records`; no masks needed).
+    fallback: a ``rois.jsonl`` (from ``mwm localize``) whose ROIs are used for the images without an ROI —
+    e.g. lung-field boxes where lung masks exist and localized lungs elsewhere.
     """
     from .manifest import read_manifest
 
-    recs = gt_rois(data, expand, box_mode)
+    if source not in ROI_SOURCES:
+        raise DataError(f"unknown ROI source {source!r}; use one of {', '.join(ROI_SOURCES)}")
+    pc = PerturbConfig.model_validate(perturb) if isinstance(perturb, dict) else perturb
+    if source == "foreground":
+        from .foreground import FOREGROUND_KINDS, foreground_records
+
+        if kind not in FOREGROUND_KINDS:
+            raise DataError(f"unknown foreground kind {kind!r}; use one of {', '.join(FOREGROUND_KINDS)}")
+        if pc is not None:
+            raise DataError("perturb degrades ground-truth boxes; it needs source gt-boxes, not foreground")
+        recs = foreground_records(data, kind, box_mode, expand)
+    else:
+        recs = gt_rois(data, expand, box_mode, perturb=pc, seed=seed)
     n_gt = sum(r["status"] == "ok" for r in recs)
     n_fb = 0
     if fallback is not None:
         recs, n_fb = with_fallback(recs, read_manifest(fallback), str(fallback))
     out = Path(out)
     atomic_write_text(out, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
-    meta = {"source": "gt-boxes", "data": str(data), "expand": expand, "box_mode": box_mode,
+    meta = {"source": source, "data": str(data), "expand": expand, "box_mode": box_mode,
             "fallback": None if fallback is None else str(fallback), "n_images": len(recs),
             "n_with_roi": n_gt + n_fb, "n_gt": n_gt, "n_fallback": n_fb}
+    if source == "foreground":
+        meta.update(kind=kind, n_foreground=meta.pop("n_gt"))
+    if pc is not None:
+        meta["perturb"] = perturb_summary(recs, pc, seed)
     atomic_write_text(out.with_name(out.stem + ".meta.json"), json.dumps(meta, indent=2))
     return meta
