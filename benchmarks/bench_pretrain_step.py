@@ -1,8 +1,9 @@
-"""SparK pretraining step vs a dense classification step of the same timm backbone. Prints JSON.
+"""SparK (or MAE) pretraining step vs a dense classification step of the same timm backbone. Prints JSON.
 
 One *step* = forward + backward + AdamW step. Sparse: ``SparK`` (sparse encoder + light decoder + masked loss)
-with a random keep-mask at ratio 0.6. Dense: the timm model with its classification head and cross-entropy,
-same batch and size. Warm-up steps are excluded; the two are timed alternately (sparse, dense, sparse, …) so
+with a random keep-mask at ratio 0.6 drawn at the model's mask grid; for a ViT arch, ``MAE`` (token dropping +
+light transformer decoder). Dense: the timm model with its classification head and cross-entropy, same batch,
+size and architecture options. Warm-up steps are excluded; the two are timed alternately (sparse, dense, sparse, …) so
 that load from other processes hits both alike. Reported per config: median seconds per step, wall clock and
 process CPU time (on a shared CPU the CPU time is the stable one; with ``--threads 1`` it is the work done),
 and ``ratio`` = sparse / dense (CPU time on cpu, wall clock on cuda).
@@ -15,6 +16,14 @@ replaces; ``--decoder-nchw`` runs the decoder in NCHW.
 
     python benchmarks/bench_pretrain_step.py                       # resnet18@64 b32, resnet50@128 b16
     python benchmarks/bench_pretrain_step.py --configs resnet50:128:16 --decoder-width 512 --steps 5
+
+A config is ``arch:size:batch`` with optional ``:key=value,…`` options, to compare ways of getting a fine mask
+grid (issue 11): ``mask_stride=8`` (SparK's keep-mask finer than the output stride), ``output_stride=16`` (timm's
+dilated last stage; the sparse encoder keeps the deepest level per stride), ``patch_size=8`` (MAE on a ViT with
+8-px patches). Each result records its ``mask_grid``.
+
+    python benchmarks/bench_pretrain_step.py --configs resnet18:64:32 resnet18:64:32:mask_stride=8 \
+        resnet18:128:32:output_stride=16 vit_small_patch16_224:64:32:patch_size=8
 """
 
 from __future__ import annotations
@@ -85,18 +94,51 @@ def time_pair(step_a, step_b, steps: int, warmup: int, sync) -> dict:
     return {k: statistics.median(v) for k, v in res.items()}
 
 
-def bench_one(arch: str, size: int, batch: int, args, dev: torch.device, sync) -> dict:
+def parse_spec(spec: str) -> tuple[str, int, int, dict]:
+    """``arch:size:batch[:k=v,k=v]`` → (arch, size, batch, {k: int(v)})."""
+    arch, size, batch, *rest = spec.split(":")
+    opts = {}
+    for item in ",".join(rest).split(","):
+        if item:
+            k, v = item.split("=")
+            opts[k] = int(v)
+    unknown = set(opts) - {"mask_stride", "output_stride", "patch_size"}
+    if unknown:
+        raise SystemExit(f"{spec}: unknown option(s) {sorted(unknown)}; use mask_stride, output_stride, patch_size")
+    return arch, int(size), int(batch), opts
+
+
+def build_models(arch: str, size: int, opts: dict, args):
+    """(MIM model, dense timm classifier) for one config; the dense model gets the same architecture options."""
     import timm
 
-    from mwm.masking import random_keep
-    from mwm.mim import SparKConfig, create_mim_model
+    from mwm.mim import LightDecoder, SparK, SparKConfig, SparseEncoder, create_mim_model
 
-    torch.manual_seed(0)
+    vit = arch.startswith(("vit", "deit"))
+    arch_kw = {k: v for k, v in opts.items() if k in ("output_stride", "patch_size")}
+    dense = timm.create_model(arch, pretrained=False, num_classes=10, **arch_kw, **({"img_size": size} if vit else {}))
+    if vit:
+        return create_mim_model({"method": "mae", "arch": arch, "size": size, **opts}), dense
     cfg = SparKConfig(arch=arch, size=size, densify_kernel=args.densify_kernel, decoder_block=args.block,
-                      decoder_channels_last=not args.decoder_nchw,
+                      decoder_channels_last=not args.decoder_nchw, mask_stride=opts.get("mask_stride"),
                       **({"decoder_width": args.decoder_width} if args.decoder_width else {}))
-    sparse = create_mim_model(cfg).to(dev)
-    dense = timm.create_model(arch, pretrained=False, num_classes=10).to(dev)
+    if "output_stride" not in opts:
+        return create_mim_model(cfg), dense
+    # SparKConfig has no output_stride option (not a library feature): build the same parts by hand
+    enc = SparseEncoder(arch, mask_stride=opts.get("mask_stride"), output_stride=opts["output_stride"])
+    dec = LightDecoder(enc.channels, enc.reductions, width=cfg.decoder_width, out_chans=3, densify_norm="bn",
+                       block=cfg.decoder_block, densify_kernel=cfg.densify_kernel,
+                       channels_last=cfg.decoder_channels_last)
+    return SparK(enc, dec), dense
+
+
+def bench_one(spec: str, args, dev: torch.device, sync) -> dict:
+    from mwm.masking import random_keep
+
+    arch, size, batch, opts = parse_spec(spec)
+    torch.manual_seed(0)
+    sparse, dense = build_models(arch, size, opts, args)
+    sparse, dense = sparse.to(dev), dense.to(dev)
     opt_s = torch.optim.AdamW(sparse.parameters(), lr=1e-4)
     opt_d = torch.optim.AdamW(dense.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, size, size, device=dev)
@@ -119,9 +161,12 @@ def bench_one(arch: str, size: int, batch: int, args, dev: torch.device, sync) -
 
     t = time_pair(sparse_step, dense_step, args.steps, args.warmup, sync)
     key = "wall" if dev.type == "cuda" else "cpu"
+    spark = hasattr(sparse.decoder, "block_kind")
     return {
-        "arch": arch, "size": size, "batch": batch, "mask_ratio": args.ratio,
-        "decoder_width": sparse.decoder.width, "decoder_block": sparse.decoder.block_kind,
+        "arch": arch, "size": size, "batch": batch, "options": opts, "method": "spark" if spark else "mae",
+        "mask_grid": list(grid), "mask_ratio": args.ratio,
+        "decoder_width": sparse.decoder.width if spark else None,
+        "decoder_block": sparse.decoder.block_kind if spark else None,
         "densify_kernel": args.densify_kernel, "decoder_channels_last": not args.decoder_nchw, "bn": args.bn,
         "params_M": {"encoder": round(sum(p.numel() for p in sparse.encoder.parameters()) / 1e6, 2),
                      "decoder": round(sum(p.numel() for p in sparse.decoder.parameters()) / 1e6, 2)},
@@ -135,7 +180,8 @@ def bench_one(arch: str, size: int, batch: int, args, dev: torch.device, sync) -
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--configs", nargs="*", default=["resnet18:64:32", "resnet50:128:16"], help="arch:size:batch")
+    ap.add_argument("--configs", nargs="*", default=["resnet18:64:32", "resnet50:128:16"],
+                    help="arch:size:batch[:mask_stride=8|output_stride=16|patch_size=8]")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.6)
@@ -160,8 +206,7 @@ def main() -> None:
            "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
            "warmup": args.warmup, "results": []}
     for spec in args.configs:
-        arch, size, batch = spec.split(":")
-        out["results"].append(bench_one(arch, int(size), int(batch), args, dev, sync))
+        out["results"].append(bench_one(spec, args, dev, sync))
     print(json.dumps(out, indent=1))
 
 

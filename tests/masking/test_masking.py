@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mwm.masking import (MaskingConfig, boxes_tensor, create_masker, n_keep, random_keep, ratios_for_overall,
-                         roi_coverage, soft_keep, topk_keep, two_region_keep)
+from mwm.masking import (STRATEGIES, MaskingConfig, boxes_tensor, create_masker, n_keep, random_keep,
+                         ratios_for_overall, roi_coverage, soft_keep, topk_keep, two_region_keep)
 
-grids = st.sampled_from([(2, 2), (4, 4), (7, 7), (3, 5), (14, 14)])
+grids = st.sampled_from([(2, 2), (4, 4), (7, 7), (3, 5), (8, 8), (14, 14), (16, 16)])  # 8 × 8: --mask-stride 8
 ratios = st.floats(0.0, 0.95)
 
 
@@ -151,3 +151,50 @@ def test_no_roi_policy_ratio_or_background_exact_counts():
     assert MaskingConfig(no_roi="random").no_roi == "random"  # the former name still loads old config.yaml files
     with pytest.raises(ValueError):
         MaskingConfig(no_roi="error")
+
+
+@st.composite
+def box_batches(draw):
+    """1–5 images, each with 0–2 boxes of any size (down to a sliver) anywhere in the image."""
+    out = []
+    for _ in range(draw(st.integers(1, 5))):
+        bl = []
+        for _ in range(draw(st.integers(0, 2))):
+            x0, y0 = draw(st.floats(0, 0.95)), draw(st.floats(0, 0.95))
+            bl.append([x0, y0, draw(st.floats(x0 + 0.01, 1.0)), draw(st.floats(y0 + 0.01, 1.0))])
+        out.append(bl)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(boxes=box_batches(), grid=st.sampled_from([(8, 8), (16, 16)]), strategy=st.sampled_from(sorted(STRATEGIES)),
+       ratio=st.floats(0.1, 0.9), seed=st.integers(0, 10**6))
+def test_every_strategy_at_fine_grids(boxes, grid, strategy, ratio, seed):
+    """Every registered strategy at the fine grids of ``--mask-stride`` (8 × 8 at 64 px, 16 × 16 at 128 px): the
+    keep-mask has the grid's shape, ROI coverage is by area (covered area = box area), the exact-count strategies
+    keep round(N·(1 − ratio)) patches in every image, and MWM's two-level masker is exact per region."""
+    bt, valid = boxes_tensor(boxes)
+    cfg = MaskingConfig(strategy=strategy, ratio=ratio, ratio_in=0.8, ratio_out=0.2)
+    keep, stats = create_masker(cfg)(len(boxes), grid, boxes=bt, valid=valid, generator=gen(seed))
+    assert keep.shape == (len(boxes), 1, *grid) and keep.dtype == torch.bool
+    N = grid[0] * grid[1]
+    cov = roi_coverage(bt, valid, grid)
+    for i, bl in enumerate(boxes):
+        if len(bl) == 1:  # one box: exact area
+            x0, y0, x1, y1 = bl[0]
+            assert abs(float(cov[i].sum()) / N - (x1 - x0) * (y1 - y0)) < 1e-4
+    visible = keep.flatten(1).sum(1)
+    if strategy == "roi":
+        roi = (cov > 0).flatten(1)
+        for i, bl in enumerate(boxes):
+            n_in = int(roi[i].sum())
+            if bl:
+                assert int((keep[i].flatten() & roi[i]).sum()) == int(n_keep(n_in, 0.8))
+                assert int((keep[i].flatten() & ~roi[i]).sum()) == int(n_keep(N - n_in, 0.2))
+            else:
+                assert int(visible[i]) == int(n_keep(N, ratio))
+    elif strategy == "roi_overall":  # the overall count is held in every image, with or without an ROI
+        assert (N - visible == int(torch.round(torch.tensor(N * ratio, dtype=torch.float64)))).all()
+    else:
+        assert (visible == int(n_keep(N, ratio))).all()
+    assert abs(float(stats["mask_ratio"]) - float((~keep).float().mean())) < 1e-6

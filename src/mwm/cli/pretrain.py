@@ -81,6 +81,10 @@ def pretrain(
                                                      "[default: resnet50]")] = None,
     size: Annotated[Optional[int], typer.Option(help="Input side in pixels (a multiple of 32 for CNNs). "
                                                      "[default: 224]")] = None,
+    mask_stride: Annotated[Optional[int], typer.Option(help="Pixels per mask cell: a divisor of the CNN's stride "
+                                                            "32 for a finer grid at the same cost (8 at 64 px: 8 × 8 "
+                                                            "cells); MAE: the patch size. [default: the encoder's "
+                                                            "stride]")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs in total (also when resuming). [default: 100]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per device and micro-step. [default: 32]")] = None,
     accumulate: Annotated[Optional[int], typer.Option(help="Micro-steps per optimizer step. [default: 1]")] = None,
@@ -144,6 +148,7 @@ def pretrain(
             "min_roi_share": min_roi_share, "init": init,
             "masking.strategy": masking, "masking.ratio": ratio, "masking.ratio_in": ratio_in,
             "masking.ratio_out": ratio_out, "model.method": method, "model.arch": arch, "model.size": size,
+            "model.mask_stride": mask_stride,
             "epochs": epochs, "batch_size": batch_size, "accumulate": accumulate, "lr": lr, "base_lr": base_lr,
             "optimizer": optimizer, "warmup_epochs": warmup_epochs, "weight_decay": weight_decay,
             "clip_grad": clip_grad, "ema": ema, "precision": precision, "accelerator": accelerator,

@@ -27,7 +27,7 @@ import torch
 from timm.layers import LayerNorm2d, trunc_normal_
 from torch import nn
 
-from .sparse import MaskedBatchNorm2d, upsample_keep
+from .sparse import MaskedBatchNorm2d, keep_at
 
 __all__ = ["LightDecoder"]
 
@@ -140,10 +140,12 @@ class LightDecoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def densify(self, features: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
-        """Sparse features (finest first) → dense decoder inputs, top level first. keep: (B, 1, h, w) bool."""
+        """Sparse features (finest first) → dense decoder inputs, top level first. keep: (B, 1, h, w) bool at the
+        mask grid; each level's active set is the encoder's (:func:`~mwm.mim.sparse.keep_at`: any-pooled where the
+        mask grid is finer than the level), its inactive positions get the level's mask token."""
         out = []
         for j, f in enumerate(features[::-1]):
-            k = upsample_keep(keep, f.shape[-2:])
+            k = keep_at(keep, f.shape[-2:])
             f = self.densify_norms[j](f, k)
             f = torch.where(k, f, self.mask_tokens[j].to(f.dtype))
             out.append(self.densify_projs[j](f))

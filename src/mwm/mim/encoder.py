@@ -2,6 +2,8 @@
 
 >>> enc = SparseEncoder("resnet50")
 >>> feats = enc(x, keep)   # x (B, 3, H, W), keep bool (B, 1, H/32, W/32)
+>>> fine = SparseEncoder("resnet50", mask_stride=8)
+>>> feats = fine(x, keep8)  # keep8 bool (B, 1, H/8, W/8): a finer mask grid, same features and weights
 >>> [f.shape for f in feats]  # (B, 256, H/4, W/4), (B, 512, H/8, W/8), (B, 1024, H/16, W/16), (B, 2048, H/32, W/32)
 >>> sd = encoder_state_dict_for_timm(enc)
 >>> timm.create_model("resnet50").load_state_dict(sd, strict=False)   # missing: fc.weight, fc.bias only
@@ -22,7 +24,8 @@ from torch import nn
 from ..weights import classifier_keys
 from .sparse import MaskContext, SparseBatchNorm2d, sparsify
 
-__all__ = ["SparseEncoder", "encoder_state_dict_for_timm", "to_detectron2", "classifier_keys", "architecture_kwargs"]
+__all__ = ["SparseEncoder", "check_mask_stride", "encoder_state_dict_for_timm", "to_detectron2", "classifier_keys",
+           "architecture_kwargs"]
 
 # timm kwargs that regularize training but do not change the architecture or its weights: they steer the
 # pretraining only and are not exported (fine-tuning chooses its own)
@@ -42,38 +45,49 @@ class SparseEncoder(nn.Module):
         arch: timm model name (resnet18/34/50/101, resnext*, convnext_* v1).
         pretrained: timm pretrained weights (needs the hub or a local cache; the test suite never does).
         min_reduction: keep the feature levels whose stride is ≥ this (4 → strides 4, 8, 16, 32 as SparK).
+        mask_stride: pixels per keep-mask cell; ``None`` = the output stride (SparK). A finer stride (8 on a
+            stride-32 ResNet) must divide the output stride: each level then keeps a cell active when any of its
+            sub-cells is visible (:func:`mwm.mim.sparse.keep_at`), masked pixels stay zero at every level.
         **model_kwargs: passed to ``timm.create_model`` (``in_chans=1`` for grayscale, ``drop_path_rate`` …).
 
-    ``forward(x, keep)``: x (B, C, H, W); keep bool (B, 1, H/stride, W/stride), True = visible, or ``None``
-    (dense: identical to the timm model). Returns the feature maps, finest first, each exactly zero at masked
-    positions. Attributes: ``stride`` (the mask grid's patch size, 32 for ResNet/ConvNeXt), ``channels`` and
-    ``reductions`` of the returned levels.
+    ``forward(x, keep)``: x (B, C, H, W); keep bool (B, 1, H/mask_stride, W/mask_stride), True = visible, or
+    ``None`` (dense: identical to the timm model). Returns the feature maps, finest first, each exactly zero at
+    inactive positions. Attributes: ``stride`` (the output stride, 32 for ResNet/ConvNeXt), ``mask_stride``
+    (the mask grid's patch size), ``channels`` and ``reductions`` of the returned levels. A dilated model
+    (timm ``output_stride=16``) repeats a stride; only the deepest level of each stride is returned.
     """
 
-    def __init__(self, arch: str, pretrained: bool = False, min_reduction: int = 4, **model_kwargs):
+    def __init__(self, arch: str, pretrained: bool = False, min_reduction: int = 4, mask_stride: int | None = None,
+                 **model_kwargs):
         super().__init__()
         model = timm.create_model(arch, pretrained=pretrained, **model_kwargs)
         if not hasattr(model, "forward_intermediates") or not hasattr(model, "prune_intermediate_layers"):
             raise ValueError(f"timm model '{arch}' has no forward_intermediates API; use a resnet* or convnext*")
         info = model.feature_info
-        self.indices = [i for i, f in enumerate(info) if f["reduction"] >= min_reduction]
+        deepest = {f["reduction"]: i for i, f in enumerate(info)}  # dilated stages repeat a stride: keep the last
+        self.indices = [i for i, f in enumerate(info)
+                        if f["reduction"] >= min_reduction and deepest[f["reduction"]] == i]
         model.prune_intermediate_layers(self.indices, prune_head=True)
         self.arch = arch
         self.model_kwargs = architecture_kwargs(model_kwargs)  # exported with the weights (encoder.json)
         self.channels = [info[i]["num_chs"] for i in self.indices]
         self.reductions = [info[i]["reduction"] for i in self.indices]
         self.stride = self.reductions[-1]
+        self.mask_stride = check_mask_stride(mask_stride, self.stride, arch)
         self.in_chans = model_kwargs.get("in_chans", 3)
         self._ctx = MaskContext()
         self.model = sparsify(model, self._ctx)
 
     def grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
-        """Mask grid (h, w) for an input of ``size`` (int or (H, W)); the size must be a multiple of ``stride``."""
-        return grid_for(size, self.stride)
+        """Mask grid (h, w) for an input of ``size`` (int or (H, W)): ``size // mask_stride``; the size must be a
+        multiple of ``stride`` (the output stride)."""
+        grid_for(size, self.stride)
+        return grid_for(size, self.mask_stride)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> list[torch.Tensor]:
         if keep is not None:
-            _check_keep(keep, x, self.stride)
+            grid_for(x.shape[-2:], self.stride)
+            _check_keep(keep, x, self.mask_stride)
         with self._ctx.active(keep) as frame:
             if keep is not None:
                 x = x * frame.mask(x.shape[-2:], x.dtype)  # SparK: the encoder sees only visible pixels
@@ -104,6 +118,17 @@ class SparseEncoder(nn.Module):
         return dense
 
 
+def check_mask_stride(mask_stride: int | None, stride: int, arch: str = "the encoder") -> int:
+    """The mask stride to use: ``stride`` when None; else it must divide the encoder's ``stride``."""
+    if mask_stride is None:
+        return stride
+    if mask_stride < 1 or stride % mask_stride:
+        divisors = [d for d in range(2, stride + 1) if stride % d == 0]
+        raise ValueError(f"mask stride {mask_stride} must divide {arch}'s output stride {stride} (each level's "
+                         f"cells are then whole groups of mask cells); choose one of {divisors}")
+    return mask_stride
+
+
 def grid_for(size: int | tuple[int, int] | torch.Size, stride: int) -> tuple[int, int]:
     H, W = (size, size) if isinstance(size, int) else tuple(size)[-2:]
     if H % stride or W % stride:
@@ -116,7 +141,7 @@ def _check_keep(keep: torch.Tensor, x: torch.Tensor, stride: int) -> None:
     grid = grid_for(x.shape[-2:], stride)
     if keep.dtype != torch.bool or keep.shape != (x.shape[0], 1, *grid):
         raise ValueError(f"keep must be bool of shape (B, 1, h, w) = {(x.shape[0], 1, *grid)} for input "
-                         f"{tuple(x.shape)} at stride {stride}; got {keep.dtype} {tuple(keep.shape)}")
+                         f"{tuple(x.shape)} at mask stride {stride}; got {keep.dtype} {tuple(keep.shape)}")
 
 
 def encoder_state_dict_for_timm(encoder: nn.Module) -> dict[str, torch.Tensor]:
@@ -182,7 +207,8 @@ def to_detectron2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class MaskedModel(nn.Module):
     """What SparK and MAE share: an encoder, a decoder, the loss settings, and the keep-mask grid.
 
-    ``stride``: pixels per keep-mask cell; ``grid(size)`` → (h, w) for an input size (maskers use it).
+    ``stride``: pixels per keep-mask cell (the mask stride: the encoder's ``mask_stride`` where it has one, else
+    its stride); ``grid(size)`` → (h, w) for an input size (maskers use it). The loss patches are the mask cells.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, norm_pix: bool = True, eps: float = 1e-6):
@@ -192,7 +218,7 @@ class MaskedModel(nn.Module):
 
     @property
     def stride(self) -> int:
-        return self.encoder.stride
+        return getattr(self.encoder, "mask_stride", self.encoder.stride)
 
     def grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
-        return grid_for(size, self.stride)
+        return self.encoder.grid(size)

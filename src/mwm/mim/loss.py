@@ -1,7 +1,8 @@
 """Reconstruction loss on masked patches with per-patch normalized targets (MAE §3 "Reconstruction
 target" with normalized pixels; SparK's loss on masked patches only).
 
-A patch is one cell of the keep-mask grid: ``p = H // h`` pixels square (32 for CNNs, 16 for ViT-B/16). For
+A patch is one cell of the keep-mask grid: ``p = H // h`` pixels square (the mask stride: 32 for CNNs unless
+``mask_stride`` sets a finer one such as 8, 16 for ViT-B/16). For
 patch i with pixels x_i ∈ R^{p²C} and prediction ŷ_i,
 
     t_i = (x_i − mean(x_i)) / sqrt(var(x_i) + ε)            (norm_pix; else t_i = x_i)

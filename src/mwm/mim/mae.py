@@ -64,6 +64,11 @@ class MAEConfig(BaseModel):
     pos_embed: Literal["sincos", "learned"] | None = Field(
         default=None, description="encoder position embedding: MAE's fixed 2-D sin-cos (frozen) or timm's learned "
                                   "one; default sincos, learned with pretrained weights")
+    patch_size: int | None = Field(default=None, ge=2, description="the ViT's patch size (a timm kwarg, exported "
+                                   "in encoder.json); default: the arch's (16 for *_patch16_*). 8 at 64 px: 8 × 8 "
+                                   "tokens")
+    mask_stride: int | None = Field(default=None, ge=2, description="pixels per mask cell; MAE masks whole tokens, "
+                                    "so it can only be the patch size (set patch_size for a finer grid)")
 
     @model_validator(mode="after")
     def _dims(self) -> "MAEConfig":
@@ -71,11 +76,19 @@ class MAEConfig(BaseModel):
             raise ValueError("decoder_dim must be a multiple of 4 (2-D sin-cos position embedding)")
         if self.decoder_dim % self.heads:
             raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by {self.heads} heads")
+        if self.mask_stride is not None and self.patch_size is not None and self.mask_stride != self.patch_size:
+            raise ValueError(_mask_stride_hint(self.mask_stride, self.patch_size, self.arch))
         return self
 
     @property
     def heads(self) -> int:
         return self.decoder_heads or max(1, self.decoder_dim // 64)
+
+
+def _mask_stride_hint(mask_stride: int, patch: int, arch: str) -> str:
+    return (f"mask stride {mask_stride} differs from {arch}'s patch size {patch}: MAE drops whole tokens, so its mask "
+            f"cell is the patch. For a finer grid use smaller patches: model.patch_size {mask_stride} "
+            f"(--set model.patch_size={mask_stride}); the encoder then has (size / {mask_stride})² tokens")
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -173,6 +186,7 @@ class ViTEncoder(nn.Module):
         if ph != pw:
             raise ValueError(f"non-square patches {ph}×{pw} are not supported")
         self.stride = ph
+        self.mask_stride = ph  # MAE drops whole tokens: the mask cell is the patch
         self.embed_dim = model.embed_dim
         self.num_prefix_tokens = model.num_prefix_tokens
         self.grid_size = tuple(model.patch_embed.grid_size)
@@ -255,7 +269,7 @@ class MAE(MaskedModel):
     def forward(self, x: torch.Tensor, keep: torch.Tensor, n_visible: int | None = None) -> dict[str, torch.Tensor]:
         tokens, ids_restore = self.encoder(x, keep, n_visible)
         patches = self.decoder(tokens, ids_restore)
-        pred = unpatchify(patches, self.stride, keep.shape[-2:], x.shape[1])
+        pred = unpatchify(patches, self.encoder.stride, keep.shape[-2:], x.shape[1])
         return {"loss": masked_mse(x, pred, keep, self.norm_pix, self.eps), "pred": pred}
 
     def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -269,7 +283,11 @@ def create_mae(cfg: MAEConfig) -> MAE:
     kwargs = {"in_chans": cfg.in_chans}
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.patch_size is not None:
+        kwargs["patch_size"] = cfg.patch_size
     enc = ViTEncoder(cfg.arch, cfg.size, pretrained=cfg.pretrained, pos_embed=cfg.pos_embed, **kwargs)
+    if cfg.mask_stride is not None and cfg.mask_stride != enc.stride:
+        raise ValueError(_mask_stride_hint(cfg.mask_stride, enc.stride, cfg.arch))
     enc.grid(cfg.size)
     dec = MAEDecoder(enc.embed_dim, enc.grid_size, enc.stride, cfg.in_chans, enc.num_prefix_tokens,
                      dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.heads)

@@ -3,6 +3,11 @@
 >>> model = create_mim_model(SparKConfig(arch="resnet50", size=224))
 >>> keep, _ = masker(batch=B, grid=model.grid(224), device=x.device)     # bool (B, 1, 7, 7), True = visible
 >>> out = model(x, keep); out["loss"].backward()
+
+A finer mask grid (``mask_stride``, e.g. 8 at 64 px: 8 × 8 cells on a stride-32 ResNet) changes what is masked,
+not the network: the masker draws at ``size // mask_stride``, the encoder keeps a level's cell active when any
+of its sub-cells is visible (masked pixels stay zero everywhere), the decoder fills each level's inactive cells
+with its mask token, and the loss scores the masked ``mask_stride``-px patches with per-patch normalization.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .decoder import LightDecoder
-from .encoder import MaskedModel, SparseEncoder, encoder_state_dict_for_timm
+from .encoder import MaskedModel, SparseEncoder, check_mask_stride, encoder_state_dict_for_timm
 from .loss import masked_mse, reconstruct
 
 __all__ = ["SparK", "SparKConfig", "create_spark", "SPARK_DROP_PATH", "spark_drop_path"]
@@ -57,11 +62,15 @@ class SparKConfig(BaseModel):
                                          "pretraining (not exported); default: SparK's per model (resnet50 0.05, "
                                          "resnet101 0.08, convnext_base 0.3 …; 0 for models it lacks)")
     pretrained: bool = False
+    mask_stride: int | None = Field(default=None, ge=2, description="pixels per mask cell; default: the encoder's "
+                                    "output stride (32). A divisor of it (16, 8, 4) gives a finer grid at the same "
+                                    "cost: 8 at 64 px → 8 × 8 cells")
 
     @model_validator(mode="after")
     def _size(self) -> "SparKConfig":
         if self.size % 32:
-            raise ValueError(f"size {self.size} must be a multiple of 32 (the CNN's mask-grid stride)")
+            raise ValueError(f"size {self.size} must be a multiple of 32 (the CNN's output stride)")
+        check_mask_stride(self.mask_stride, 32, self.arch)  # the real stride is checked again when the model is built
         return self
 
 
@@ -107,7 +116,7 @@ def create_spark(cfg: SparKConfig) -> SparK:
     dpr = spark_drop_path(cfg.arch, cfg.drop_path_rate)
     if dpr:
         kwargs["drop_path_rate"] = dpr
-    enc = SparseEncoder(cfg.arch, pretrained=cfg.pretrained, **kwargs)
+    enc = SparseEncoder(cfg.arch, pretrained=cfg.pretrained, mask_stride=cfg.mask_stride, **kwargs)
     enc.grid(cfg.size)  # validates the size against the real stride
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
     norm = cfg.densify_norm or ("bn" if has_bn else "ln")

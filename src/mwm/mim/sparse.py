@@ -13,6 +13,13 @@ supported families (ReLU, GELU, SiLU, residual sums, per-channel scales such as 
 scale, DropPath) map zero to zero. So BatchNorm can take its visible-position statistics as plain sums
 divided by the visible count — no gather/scatter (SparK's ``x[ii]`` indexing) and no second masking pass.
 
+Mask stride: the keep-mask may be drawn on a grid finer than the encoder's output stride (e.g. 8-px cells on a
+stride-32 ResNet: an 8 × 8 grid at 64 px). Each resolution then sees the mask through :func:`keep_at` — upsampled
+where the map is finer than the grid, any-pooled where it is coarser (a coarse cell is active when any of its
+sub-cells is visible). The induction above still holds at every resolution, and since masked pixels are zeroed
+at the input and every map below the grid's resolution is masked at the grid's cells, no masked pixel's value
+reaches any feature (tests/mim/test_mask_stride.py perturbs them and compares).
+
 State: the keep-mask is never module-global (SparK's ``encoder._cur_active`` is, so two encoders in one
 process — e.g. a teacher and a student, or two ranks' replicas under DataParallel — read each other's
 mask). Here every sparse layer holds a reference to a :class:`MaskContext` owned by its encoder; the
@@ -41,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MaskContext", "MaskFrame", "upsample_keep", "masked_batch_norm", "MaskedBatchNorm2d", "SparseConv2d",
-           "SparseMaxPool2d", "SparseAvgPool2d", "SparseBatchNorm2d", "SparseLayerNorm2d", "SparseLayerNorm",
-           "SparseLinear", "sparsify", "UnsupportedLayerError"]
+__all__ = ["MaskContext", "MaskFrame", "upsample_keep", "keep_at", "masked_batch_norm", "MaskedBatchNorm2d",
+           "SparseConv2d", "SparseMaxPool2d", "SparseAvgPool2d", "SparseBatchNorm2d", "SparseLayerNorm2d",
+           "SparseLayerNorm", "SparseLinear", "sparsify", "UnsupportedLayerError"]
 
 
 class UnsupportedLayerError(NotImplementedError):
@@ -67,11 +74,32 @@ def upsample_keep(keep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return keep[:, :, :, None, :, None].expand(B, 1, h, fh, w, fw).reshape(B, 1, H, W)
 
 
+def keep_at(keep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The keep-mask at a feature resolution ``size`` = (H, W), from the mask grid (h, w).
+
+    Finer maps (H ≥ h): nearest upsampling, every position of a visible cell is visible (:func:`upsample_keep`).
+    Coarser maps (H < h, a mask stride finer than the layer's stride): a coarse cell is **active when any of its
+    sub-cells is visible** (any-pooling over the h/H × w/W sub-cells), so each level sees every visible pixel
+    below it; the masked sub-cells of an active cell are still zero at the input and at every finer level, so
+    their pixels never reach the features (SparK only upsamples: its mask grid is always the top level's).
+    keep: (B, 1, h, w) bool → (B, 1, H, W) bool.
+    """
+    B, _, h, w = keep.shape
+    H, W = size
+    if H >= h and W >= w:
+        return upsample_keep(keep, size)
+    if H <= h and W <= w and h % H == 0 and w % W == 0:
+        return keep.reshape(B, 1, H, h // H, W, w // W).any(dim=(3, 5))
+    raise ValueError(f"feature size {H}×{W} and the mask grid {h}×{w} do not tile each other; use an input size "
+                     f"divisible by the encoder stride and a mask stride that divides it")
+
+
 class MaskFrame:
     """The mask of one encoder call. ``keep`` (B, 1, h, w) bool or ``None`` (dense: every position visible).
 
-    :meth:`mask` returns the float mask at a feature resolution, cached per (H, W, dtype, device) so each
-    resolution is built once per forward however many layers use it.
+    :meth:`mask` returns the float mask at a feature resolution (:func:`keep_at`: upsampled to finer maps,
+    any-pooled to coarser ones when the mask stride is finer than the layer's stride), cached per (H, W, dtype,
+    device) so each resolution is built once per forward however many layers use it.
     """
 
     __slots__ = ("keep", "_cache")
@@ -89,7 +117,7 @@ class MaskFrame:
         key = (size[0], size[1], dtype)
         m = self._cache.get(key)
         if m is None:
-            m = upsample_keep(self.keep, size).to(dtype)
+            m = keep_at(self.keep, size).to(dtype)
             self._cache[key] = m
         return m
 
@@ -98,8 +126,11 @@ class MaskFrame:
         key = ("n", size[0], size[1])
         n = self._cache.get(key)
         if n is None:
-            fh, fw = size[0] // self.keep.shape[2], size[1] // self.keep.shape[3]
-            n = self.keep.sum(dtype=torch.float32) * (fh * fw)
+            h, w = self.keep.shape[2:]
+            if size[0] >= h and size[1] >= w:  # upsampled: each visible cell is (H/h)·(W/w) positions
+                n = self.keep.sum(dtype=torch.float32) * ((size[0] // h) * (size[1] // w))
+            else:  # any-pooled to a coarser level
+                n = keep_at(self.keep, size).sum(dtype=torch.float32)
             self._cache[key] = n
         return n
 

@@ -16,7 +16,8 @@ def mask_examples(images: np.ndarray, boxes: list[list[list[float]]], strategies
     with the masked patches gray (as in the reconstruction previews).
 
     images: uint8 (B, C, S, S); boxes: per image, normalized [x0, y0, x1, y1] lists; strategies: name →
-    :class:`~mwm.masking.MaskingConfig` fields; stride: the encoder's patch size in pixels (32 for ResNets).
+    :class:`~mwm.masking.MaskingConfig` fields; stride: the mask stride in pixels (the model's ``stride``: 32 for
+    ResNets by default, 8 with ``mask_stride: 8``).
     """
     from ..masking import MaskingConfig, create_masker
     from ..masking.grid import boxes_tensor

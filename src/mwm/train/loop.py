@@ -382,7 +382,8 @@ def _run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None =
             "epochs": cfg.epochs, "steps": step, "resumed_from_epoch": start_epoch if ckpt is not None else None,
             "images": len(data), "split": data.split, "world_size": world, "effective_batch": eff,
             "lr": peak_lr, "lr_rule": lr_rule, "optimizer": cfg.optimizer, "precision": cfg.precision,
-            "masking": cfg.masking.strategy, "roi_stats": data.roi_stats, "init": init_info,
+            "masking": cfg.masking.strategy, "mask_grid": list(grid),  # (h, w) cells the masker drew on
+            "roi_stats": data.roi_stats, "init": init_info,
             "warnings": run_warnings, "notes": notes,
             "first_loss": rows[0]["loss"] if rows else None, "final_loss": last_row.get("loss"),
             "seconds": time.perf_counter() - t0,

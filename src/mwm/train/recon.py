@@ -33,7 +33,8 @@ def vstack(rows: list[np.ndarray], gap: int = 4) -> np.ndarray:
 
 class ReconSet:
     """A fixed preview batch: x (K, 3, S, S) float in [0, 1] (un-normalized), boxes (K, M, 4), valid (K, M),
-    and the keep-mask (K, 1, h, w) drawn once."""
+    and the keep-mask (K, 1, h, w) drawn once at the model's mask grid (so the PNG shows the cells the masker
+    drew, e.g. 8-px cells with ``mask_stride: 8``)."""
 
     def __init__(self, images: np.ndarray, boxes: list[np.ndarray], k: int, masker, grid: tuple[int, int],
                  seed: int, has_rois: bool):
