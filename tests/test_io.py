@@ -67,3 +67,19 @@ def test_read_only_out_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(MWMError, match="cannot write in .*Permission denied.*choose a writable --out"):
         with lock_folder(tmp_path / "ro"):
             pass
+
+
+def test_wait_for_a_held_lock(tmp_path):
+    code = ("import sys,time; from mwm.io import lock_folder\n"
+            "with lock_folder(sys.argv[1]):\n print('locked', flush=True); time.sleep(1.5)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(MWMError):
+            with lock_folder(tmp_path, wait_s=0.3):  # still held after 0.3 s
+                pass
+        with lock_folder(tmp_path, wait_s=30) as p:  # taken once the holder lets go
+            assert json.loads(p.read_text())["pid"] == os.getpid()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -86,7 +86,7 @@ def _lock_is_stale(info: dict) -> bool:
 
 
 @contextlib.contextmanager
-def lock_folder(folder: str | Path, name: str = LOCK_NAME, what: str = "run") -> Iterator[Path]:
+def lock_folder(folder: str | Path, name: str = LOCK_NAME, what: str = "run", wait_s: float = 0) -> Iterator[Path]:
     """Hold an exclusive lock on an output folder for the duration of a job.
 
     The lock is a file ``folder/name`` created with ``O_CREAT | O_EXCL`` holding the pid, host, start time and
@@ -98,6 +98,8 @@ def lock_folder(folder: str | Path, name: str = LOCK_NAME, what: str = "run") ->
         folder: the output folder (created when missing).
         name: the lock file's name (sharded jobs lock ``.mwm.lock-<shard>`` so shards run side by side).
         what: the job taking the lock, named to whoever finds it held ("localize run", "pretraining run").
+        wait_s: wait up to this long for a live holder to let go (a short critical section shared by the
+            shards of one job), instead of failing at once.
 
     Returns:
         A context manager yielding the lock file's path; the file is removed on exit.
@@ -119,7 +121,8 @@ def lock_folder(folder: str | Path, name: str = LOCK_NAME, what: str = "run") ->
     path = folder / name
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
           "command": " ".join(sys.argv)[:500], "what": what}
-    for _ in range(3):
+    deadline, takeovers = time.time() + wait_s, 0
+    while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -128,20 +131,22 @@ def lock_folder(folder: str | Path, name: str = LOCK_NAME, what: str = "run") ->
                 time.sleep(0.2)  # another process is writing its lock right now
                 info = _read_lock(path)
             if _lock_is_stale(info):
+                takeovers += 1
+                if takeovers > 3:
+                    raise MWMError(f"could not take the lock {path}; another process keeps re-creating it") from None
                 _remove_if_same(path, info)
                 continue
-            raise MWMError(f"{folder} is in use by another {info.get('what', 'run')}: pid {info.get('pid')} on {info.get('host')} "
-                           f"(started {info.get('started')}: {info.get('command', '?')}). Wait for it to finish, "
-                           f"or choose another --out; if that process is gone, delete {path}") from None
-        except PermissionError as e:
-            raise MWMError(f"cannot write in {folder} ({e.strerror}); choose a writable --out") from e
-        except OSError as e:
+            if time.time() < deadline:
+                time.sleep(min(2.0, max(0.05, deadline - time.time())))
+                continue
+            raise MWMError(f"{folder} is in use by another {info.get('what', 'run')}: {describe_holder(info)}. Wait "
+                           f"for it to finish, or choose another --out; if that process is gone, delete {path}"
+                           ) from None
+        except OSError as e:  # PermissionError, a read-only file system, …
             raise MWMError(f"cannot write in {folder} ({e.strerror}); choose a writable --out") from e
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps(me))
         break
-    else:
-        raise MWMError(f"could not take the lock {path}; another process keeps re-creating it")
     try:
         yield path
     finally:
@@ -162,6 +167,26 @@ def lock_holder(path: str | Path) -> dict | None:
 
         return {} if time.time() - _mtime(path) < 2 else None
     return None if _lock_is_stale(info) else info
+
+
+def shard_lock_name(shard: tuple[int, int]) -> str:
+    """The lock file of shard ``(i, n)`` of a job: shards of one job share a folder, each with its own lock."""
+    i, n = shard
+    return LOCK_NAME if n == 1 else f"{LOCK_NAME}-shard-{i}-of-{n}"
+
+
+def live_locks(folder: str | Path, except_name: str) -> list[tuple[Path, dict]]:
+    """The other lock files in ``folder`` whose holder still runs (a lock being written right now counts,
+    with ``{}`` as its info)."""
+    held = [(p, lock_holder(p)) for p in sorted(Path(folder).glob(LOCK_NAME + "*")) if p.name != except_name]
+    return [(p, info) for p, info in held if info is not None]
+
+
+def describe_holder(info: dict) -> str:
+    """``pid 12 on host (started …: command)`` for a lock's info."""
+    if not info:
+        return "a process that is starting now"
+    return f"pid {info.get('pid')} on {info.get('host')} (started {info.get('started')}: {info.get('command', '?')})"
 
 
 def _mtime(path: Path) -> float:

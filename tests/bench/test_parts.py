@@ -12,9 +12,6 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import mwm.train
-import mwm.report.plots as plots
-import mwm.transfer.classify as classify
 from mwm.bench import BenchConfig, run_bench
 from mwm.cli import app
 from mwm.config import ConfigError
@@ -32,26 +29,6 @@ def _raw(phantoms_npz, out) -> dict:
                      {"name": "mwm", "masking": {"strategy": "roi", "ratio_in": 1.0, "ratio_out": 0.25}}],
             "tasks": [{"kind": "linear", "options": {"epochs": 3}},
                       {"kind": "linear", "name": "probe2", "arms": ["random"], "options": {"epochs": 3}}]}
-
-
-@pytest.fixture
-def spy(monkeypatch) -> list:
-    """Records every part that trains: ("pretrain", arm) or (task folder, arm)."""
-    ran: list = []
-    real_pretrain, real_finetune = mwm.train.pretrain, classify.finetune
-
-    def pretrain(pc, *a, **k):
-        ran.append(("pretrain", Path(pc.out).parts[-3]))
-        return real_pretrain(pc, *a, **k)
-
-    def finetune(tc, *a, **k):
-        ran.append((Path(tc.out).name, Path(tc.out).parts[-3]))
-        return real_finetune(tc, *a, **k)
-
-    monkeypatch.setattr(mwm.train, "pretrain", pretrain)
-    monkeypatch.setattr(classify, "finetune", finetune)
-    monkeypatch.setattr(plots, "bench_plots", lambda *a, **k: None)  # time; plots are tested in test_tables.py
-    return ran
 
 
 def _run(raw: dict, ran: list, log: list | None = None, **kw) -> tuple[list[dict], set]:

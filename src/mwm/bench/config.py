@@ -72,6 +72,12 @@ class RoiSourceConfig(BaseModel):
         return self
 
 
+def _check_seeds(v: list[int]) -> list[int]:
+    if len(set(v)) != len(v):
+        raise ValueError(f"seeds must be unique (each seed is one run of an arm); got {v}")
+    return v
+
+
 class ArmConfig(BaseModel):
     """One pretraining arm: a name, the masking (``mwm.masking.MaskingConfig`` fields) and any other
     ``PretrainConfig`` overrides; ``pretrain: false`` makes the no-pretraining (random init) arm. ``rois``
@@ -84,6 +90,13 @@ class ArmConfig(BaseModel):
     masking: dict[str, Any] = Field(default_factory=dict)
     rois: RoiSourceConfig | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="more PretrainConfig overrides")
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1, description="this arm's seeds (default: the "
+                                    "bench's), e.g. 5 seeds for the main arms and 3 for a sweep")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        return v if v is None else _check_seeds(v)
 
     @property
     def strategy(self) -> str | None:
@@ -139,9 +152,7 @@ class BenchConfig(BaseModel):
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"seeds must be unique (each seed is one run of every arm); got {v}")
-        return v
+        return _check_seeds(v)
 
     @model_validator(mode="after")
     def _check(self) -> "BenchConfig":
@@ -162,6 +173,15 @@ class BenchConfig(BaseModel):
         if len(set(labels)) != len(labels):
             raise ValueError(f"task names must be unique (give `name:` to repeated kinds): {labels}")
         return self
+
+    def seeds_of(self, arm: ArmConfig) -> list[int]:
+        """The arm's own seeds, else the bench's."""
+        return arm.seeds if arm.seeds is not None else self.seeds
+
+    @property
+    def all_seeds(self) -> list[int]:
+        """Every seed any arm runs: the bench's, then arms' extra ones, in order of appearance."""
+        return list(dict.fromkeys([*self.seeds, *(s for a in self.arms for s in (a.seeds or []))]))
 
     @property
     def out_dir(self) -> Path:

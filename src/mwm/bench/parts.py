@@ -198,11 +198,14 @@ class PartStore:
             self.write_record(part)  # only options added since, at their defaults: adopt under the new identity
         return "done" if part.marker.is_file() else "partial"
 
-    def check(self, part: Part, retire: bool = True) -> State:
-        """The part's state; a stale part is moved aside (``retire``) and then counts as missing."""
+    def check(self, part: Part, retire: bool = True, quiet: bool = False) -> State:
+        """The part's state; a stale part is moved aside (``retire``) and then counts as missing. ``quiet``: a
+        part another process (bench shard) owns: say nothing about it."""
         st = self.state(part)
         if st == "stale":
             if not retire:
+                if quiet:
+                    return st
                 self.log(f"{part.label} {self.why_stale(part)}: left out (run without --tables-only to redo it)")
                 return st
             self.retire(part)

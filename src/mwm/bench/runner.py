@@ -210,7 +210,7 @@ class _Hashes:
 
 
 def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
-              log: Callable, build: bool) -> dict | None:
+              log: Callable, build: bool, quiet: bool = False) -> dict | None:
     """The arm's finished pretraining summary (running or resuming it when ``build``), else None."""
     from .. import train
 
@@ -220,7 +220,7 @@ def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
     out = Path(pc.out)
     part = Part(f"pretrain {arm.name} seed {seed}", out, out / "summary.json",
                 pretrain_identity(pc, None if pc.rois is None else sha(Path(pc.rois))), config=pc)
-    state = store.check(part, retire=build)
+    state = store.check(part, retire=build, quiet=quiet)
     if state == "done":
         return json.loads(part.marker.read_text())
     if not build:
@@ -232,12 +232,12 @@ def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
 
 
 def _task(cfg: BenchConfig, task: TaskConfig, arm: str, weights: str, encoder_sha: str | None, seed: int, out: Path,
-          store: PartStore, log: Callable, build: bool) -> dict | None:
+          store: PartStore, log: Callable, build: bool, quiet: bool = False) -> dict | None:
     """The task's finished metrics (running it when ``build``), else None."""
     tc = task_config(cfg, task, seed, weights, out)
     part = Part(f"{task.label} on {arm} seed {seed}", out, out / "metrics.json",
                 task_identity(task.kind, tc, encoder_sha), config=tc)
-    state = store.check(part, retire=build)
+    state = store.check(part, retire=build, quiet=quiet)
     if state == "done":
         return json.loads(part.marker.read_text())
     if not build:
@@ -268,7 +268,7 @@ def _mask_ratios(pretrain_dir: Path) -> dict:
 
 
 def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
-              log: Callable, build: bool) -> list[dict]:
+              log: Callable, build: bool, quiet: bool = False) -> list[dict]:
     """Pretrain one arm × seed (if it pretrains), run its tasks; one result row per finished task."""
     from .tables import result_row
 
@@ -277,7 +277,7 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
     ratios: dict = {}
     weights, encoder_sha = "none", None
     if arm.pretrain:
-        summary = _pretrain(cfg, arm, seed, rois, store, sha, log, build)
+        summary = _pretrain(cfg, arm, seed, rois, store, sha, log, build, quiet)
         if summary is None:
             return []
         weights = _weights(cfg, arm, seed)
@@ -291,33 +291,70 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
         if not task.runs_on(arm.name):
             continue
         t0 = time.perf_counter()
-        metrics = _task(cfg, task, arm.name, weights, encoder_sha, seed, base / task.label, store, log, build)
+        metrics = _task(cfg, task, arm.name, weights, encoder_sha, seed, base / task.label, store, log, build,
+                        quiet)
         if metrics is not None:
             rows.append(result_row(arm, seed, task, metrics, summary, ratios, time.perf_counter() - t0))
     return rows
 
 
-def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables: bool = False) -> list[dict]:
+def run_order(cfg: BenchConfig) -> list[tuple[int, ArmConfig]]:
+    """Every (seed, arm) of the bench in the order they run: seed by seed, so a stopped bench has whole seeds."""
+    return [(seed, arm) for seed in cfg.all_seeds for arm in cfg.arms if seed in cfg.seeds_of(arm)]
+
+
+def _check_shards(cfg: BenchConfig, shard: tuple[int, int]) -> None:
+    """Shards of one bench share ``OUT`` (each holds its own lock); an unsharded bench does not run beside
+    shards, and every shard must run the same bench config (a different one would retire the others' parts)."""
+    import yaml
+
+    from ..config import dump_config
+    from ..io import describe_holder, live_locks, shard_lock_name
+
+    out = cfg.out_dir
+    for p, info in live_locks(out, shard_lock_name(shard)):
+        if p.name.endswith("-rois"):
+            continue
+        sharded_peer = "-shard-" in p.name
+        if (shard[1] > 1) != sharded_peer:
+            raise MWMError(f"{out} is in use by a {'sharded' if sharded_peer else 'whole'} bench run: "
+                           f"{describe_holder(info)}; run every part of one bench the same way (all with --shard "
+                           f"i/n, or one run without), or wait for it. If that process is gone, delete {p}")
+        saved = out / "config.yaml"
+        if saved.is_file() and yaml.safe_load(saved.read_text()) != yaml.safe_load(dump_config(cfg)):
+            raise MWMError(f"{out}: another shard ({describe_holder(info)}) runs this bench with another config "
+                           f"({saved}); start every shard from the same bench file and options")
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables: bool = False,
+              shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Run (or resume) everything and write the tables and plots; returns the result rows.
 
     ``only_tables``: run nothing, move nothing; tabulate the parts that are done under the current config.
-    Raises :class:`ConfigError` (before creating anything) when an arm's or task's config is invalid, and
-    :class:`MWMError` when another bench holds ``OUT``.
+    ``shard`` ``(i, n)``: run every n-th (seed, arm) of :func:`run_order` starting at i, so n processes (one
+    core or GPU each) share one bench folder; each writes the tables of every part done so far, so the last
+    one to finish leaves the complete tables. Raises :class:`ConfigError` (before creating anything) when an
+    arm's or task's config is invalid, and :class:`MWMError` when another bench holds ``OUT``.
     """
-    from ..io import lock_folder
+    from ..io import lock_folder, shard_lock_name
     from ..report.plots import bench_plots
     from .tables import write_tables
 
     check_bench(cfg)
     out = cfg.out_dir
-    with lock_folder(out, what="bench run"):
+    i, n = shard
+    with lock_folder(out, name=shard_lock_name(shard), what="bench run"):
+        _check_shards(cfg, shard)
         save_config(cfg, out / "config.yaml")
         store, sha = PartStore(out, log), _Hashes()
-        rois = _arm_rois(cfg, store, build=not only_tables)
+        # shards build the shared ROI manifests one at a time (the second finds them done)
+        with lock_folder(out, name=".mwm.lock-rois", what="bench ROI preparation", wait_s=6 * 3600):
+            rois = _arm_rois(cfg, store, build=not only_tables)
         rows: list[dict] = []
-        for seed in cfg.seeds:
-            for arm in cfg.arms:
-                rows += _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=not only_tables)
+        for k, (seed, arm) in enumerate(run_order(cfg)):
+            mine = k % n == i  # another shard's part is only read (and not reported on)
+            rows += _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=mine and not only_tables,
+                              quiet=not mine)
         write_tables(cfg, rows)
         bench_plots(cfg, rows, out / "plots")
     return rows

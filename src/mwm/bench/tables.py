@@ -100,7 +100,9 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
     base = cfg.baseline_arm
     own = [f"`{a.name}`: {describe_rois(a.rois)}" for a in cfg.arms if a.rois is not None]
     lines = [f"# Bench `{cfg.name}`", "",
-             f"Data `{cfg.data}`, {cfg.arch} at {cfg.size} px, seeds {cfg.seeds}, ROIs: {describe_rois(cfg.rois)}"
+             f"Data `{cfg.data}`, {cfg.arch} at {cfg.size} px, seeds {cfg.seeds}"
+             + "".join(f" ({a.name}: {a.seeds})" for a in cfg.arms if a.seeds is not None)
+             + f", ROIs: {describe_rois(cfg.rois)}"
              + (f" (arms with their own: {'; '.join(own)})" if own else "")
              + f". Metrics ×100, mean ± std over seeds; Δ = paired difference to `{base}` with its 95 % "
                "t-interval (same seeds).", ""]

@@ -10,6 +10,21 @@ import typer
 from .common import SetOpt, console, handle_errors, out
 
 
+def _parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"1/2"`` → (1, 2); None → (0, 1)."""
+    from ..config import ConfigError
+
+    if shard is None:
+        return 0, 1
+    try:
+        i, n = (int(p) for p in shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {shard!r}: give i/n, e.g. --shard 0/2 and --shard 1/2 for two processes") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"--shard {shard}: need 0 <= i < n")
+    return i, n
+
+
 def _parse_seeds(seeds: str | None) -> list[int] | None:
     """``"0,1,2"`` → ``[0, 1, 2]``; anything else is a ConfigError saying what to pass."""
     if seeds is None:
@@ -26,7 +41,10 @@ def _parse_seeds(seeds: str | None) -> list[int] | None:
 def bench(
     config: Annotated[Path, typer.Argument(help="Bench YAML: data, rois, arms, seeds, tasks (see configs/bench/).")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder. [default: runs/bench/<name>]")] = None,
-    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds, overriding the YAML's.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds, overriding the YAML's (arms with "
+                                                      "their own `seeds:` keep them).")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: run every n-th arm x seed starting at i, so n "
+                                                      "processes share one bench folder.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda for every part.")] = None,
     tables_only: Annotated[bool, typer.Option("--tables-only", help="Only rebuild the tables and plots from "
                                                                      "finished parts.")] = False,
@@ -54,7 +72,7 @@ def bench(
     cfg = resolve(BenchConfig, config, sets, {"out": out_dir, "device": device, "seeds": seed_list})
     t0 = time.perf_counter()
     rows = run_bench(cfg, log=lambda msg: console.print(f"[bold]bench[/bold] {msg}", highlight=False),
-                     only_tables=tables_only)
+                     only_tables=tables_only, shard=_parse_shard(shard))
     md = (cfg.out_dir / "results.md").read_text()
     out.print(md, markup=False, highlight=False)
     console.print(f"{len(rows)} result rows in {time.perf_counter() - t0:.0f}s: {cfg.out_dir}/results.csv, "

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import __version__
 from ..config import atomic_write_text
+from ..io import live_locks
 from ..data import ReadOptions, open_source
 from ..data.transforms import Fit, to_tensor
 from ..errors import DataError, MWMError, ReadError
@@ -296,7 +297,7 @@ def check_settings(out: Path, settings: dict, cfg: LocalizeConfig, meta: dict | 
     if diff:
         # "loses nothing" only when no ROI is written and no other run (the lock we hold is one) may write some
         has_rois = (out / "rois.jsonl").is_file() or any(out.glob("rois.part-*-of-*.jsonl")) or len(
-            _live_locks(out, "")) > 1
+            live_locks(out, "")) > 1
         raise MWMError(f"{out} holds a localize run with other settings ({'; '.join(diff)}). A folder holds one "
                        "configuration, so its ROIs are not resumed with these: use the same settings to resume, "
                        "choose another --out, or pass --overwrite to delete its manifest, saliency, masks and "
@@ -331,24 +332,12 @@ def claim_settings(out: Path, meta: dict, cfg: LocalizeConfig) -> None:
             os.remove(tmp)
 
 
-def _lock_name(shard: tuple[int, int]) -> str:
-    i, n = shard
-    return ".mwm.lock" if n == 1 else f".mwm.lock-shard-{i}-of-{n}"
-
-
-def _live_locks(out: Path, mine: str) -> list[tuple[Path, dict]]:
-    """Other lock files in ``out`` whose process still runs (a lock being written right now counts)."""
-    from ..io import lock_holder
-
-    held = [(p, lock_holder(p)) for p in sorted(out.glob(".mwm.lock*")) if p.name != mine]
-    return [(p, info) for p, info in held if info is not None]
-
-
 def _check_other_runs(out: Path, shard: tuple[int, int], overwrite: bool) -> None:
     """Shards of one run share a folder; an unsharded run does not run beside shards, nor ``overwrite``
     beside anything (it would delete their work)."""
-    mine = _lock_name(shard)
-    for p, info in _live_locks(out, mine):
+    from ..io import describe_holder, live_locks, shard_lock_name
+
+    for p, info in live_locks(out, shard_lock_name(shard)):
         shard_lock = p.name.startswith(".mwm.lock-shard-")
         if overwrite:
             why = "--overwrite would delete its work; wait for it to finish"
@@ -358,10 +347,8 @@ def _check_other_runs(out: Path, shard: tuple[int, int], overwrite: bool) -> Non
             why = "an unsharded run appends to rois.jsonl, which shards replace when they merge; wait for it"
         else:
             continue
-        holder = (f"pid {info.get('pid')} on {info.get('host')} (started {info.get('started')}: "
-                  f"{info.get('command', '?')})") if info else "a process that is starting now"
-        raise MWMError(f"{out} is in use by another {info.get('what', 'run')}: {holder}; {why}. If that process "
-                       f"is gone, delete {p}")
+        raise MWMError(f"{out} is in use by another {info.get('what', 'run')}: {describe_holder(info)}; {why}. "
+                       f"If that process is gone, delete {p}")
 
 
 def clear_outputs(out: Path) -> None:
@@ -407,11 +394,11 @@ def localize(cfg: LocalizeConfig, progress=None, log=print, overwrite: bool = Fa
     :class:`MWMError` naming the differences otherwise. ``overwrite``: first delete what an earlier run
     wrote there (:func:`clear_outputs`) — refused while another localize run holds a lock on the folder.
     """
-    from ..io import lock_folder
+    from ..io import lock_folder, shard_lock_name
 
     out = Path(cfg.out)
     shard = cfg.shard_index()
-    with lock_folder(out, name=_lock_name(shard), what="localize run"):
+    with lock_folder(out, name=shard_lock_name(shard), what="localize run"):
         _check_other_runs(out, shard, overwrite)
         if overwrite:
             clear_outputs(out)

@@ -118,8 +118,9 @@ def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
         if pts:
             paths.append(ratio_sweep(pts, out / f"{task.label}_sweep.png", metric,
                                      f"{cfg.name}: {task.label} vs mask ratio"))
-    curves = {a.name: run_dir(cfg, a.name, cfg.seeds[0]) / "pretrain" / "metrics.csv" for a in cfg.arms if a.pretrain}
-    p = loss_curves(curves, out / "pretrain_loss.png", f"{cfg.name}: pretraining loss (seed {cfg.seeds[0]})")
+    curves = {a.name: run_dir(cfg, a.name, cfg.seeds_of(a)[0]) / "pretrain" / "metrics.csv"
+              for a in cfg.arms if a.pretrain}
+    p = loss_curves(curves, out / "pretrain_loss.png", f"{cfg.name}: pretraining loss (each arm's first seed)")
     if p is not None:
         paths.append(p)
     return paths
