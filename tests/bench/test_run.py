@@ -38,6 +38,9 @@ def test_bench_runs_resumes_and_tabulates(phantoms_npz, tmp_path, monkeypatch):
     # guided arm: realised ROI ratio logged from the pretraining metrics; random arm has none to compare with
     assert by[("mwm", 0)]["realised_mask_ratio_in"] is not None
     assert by[("scratch", 0)]["pretrain_seconds"] is None
+    # the guided arm's ROIs are gt boxes (expand 0.1): full recall on the phantoms with a lesion, precision < 1
+    assert by[("mwm", 0)]["roi_recall"] == 1.0 and 0 < by[("mwm", 0)]["roi_precision"] < 1
+    assert "roi_precision" not in by[("random", 0)] and by[("random", 0)]["mask_grid"] == "2x2"
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     # seeds differ in pretraining, so the encoders differ
     import torch

@@ -112,3 +112,28 @@ def test_sweep_lines_need_two_ratios_and_one_roi_source(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "ratio_sweep", lambda pts, path, *a: seen.update(pts) or path)
     P.bench_plots(cfg, rows, tmp_path / "plots")
     assert set(seen) == {"random"} and [p[0] for p in seen["random"]] == [0.25, 0.5]
+
+
+def test_roi_quality_columns_and_curve(tmp_path):
+    """Guided arms carry their ROIs' precision / recall into the table and the benefit-vs-quality plot."""
+    from mwm.report.plots import bench_plots
+
+    cfg = _cfg(tmp_path, arms=[{"name": "scratch", "pretrain": False},
+                               {"name": "random-0.6", "masking": {"strategy": "random", "ratio": 0.6}},
+                               {"name": "mwm", "masking": {"strategy": "roi", "ratio_in": 0.8, "ratio_out": 0.2}},
+                               {"name": "mwm-bad", "masking": {"strategy": "roi", "ratio_in": 0.8, "ratio_out": 0.2},
+                                "rois": {"source": "gt-boxes", "perturb": {"precision": 0.3, "recall": 0.9}}}])
+    rows = _rows()
+    for seed, v in enumerate([0.71, 0.73, 0.74]):
+        rows.append({**rows[-1], "arm": "mwm-bad", "seed": seed, "accuracy": v})
+    for r in rows:
+        if r["arm"].startswith("mwm"):
+            r.update(roi_precision=0.5 if r["arm"] == "mwm" else 0.3, roi_recall=1.0 if r["arm"] == "mwm" else 0.9,
+                     mask_grid="8x8")
+    write_tables(cfg, rows)
+    md = (tmp_path / "results.md").read_text()
+    assert "| mwm | 8x8 | 0.50 / – / – | 0.50 / 1.00 |" in md and "| mwm-bad | 8x8 |" in md and "0.30 / 0.90" in md
+    paths = bench_plots(cfg, rows, tmp_path / "plots")
+    assert tmp_path / "plots" / "linear_roi_quality.png" in paths
+    rows = [r for r in rows if r["arm"] != "mwm-bad"]  # one guided arm: no curve
+    assert tmp_path / "plots" / "linear_roi_quality.png" not in bench_plots(cfg, rows, tmp_path / "p2")

@@ -197,6 +197,19 @@ def _arm_rois(cfg: BenchConfig, store: PartStore | None = None, build: bool = Tr
     return out
 
 
+def roi_quality(cfg: BenchConfig, manifest: Path) -> dict:
+    """Mean occlusion precision / recall of a manifest's ROIs on the images with a non-empty mask (the x-axis of
+    the benefit-vs-ROI-quality curve); {} when the data have no masks."""
+    from ..errors import DataError
+    from ..localize.metrics import evaluate_manifest
+
+    try:
+        s = evaluate_manifest(manifest, cfg.data).summary
+    except DataError:
+        return {}
+    return {"roi_precision": s.get("precision"), "roi_recall": s.get("recall")}
+
+
 class _Hashes:
     """Content hashes of inputs, once per path and run (a manifest or an encoder read by many parts)."""
 
@@ -268,7 +281,7 @@ def _mask_ratios(pretrain_dir: Path) -> dict:
 
 
 def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
-              log: Callable, build: bool, quiet: bool = False) -> list[dict]:
+              log: Callable, build: bool, quiet: bool = False, quality: dict | None = None) -> list[dict]:
     """Pretrain one arm × seed (if it pretrains), run its tasks; one result row per finished task."""
     from .tables import result_row
 
@@ -294,7 +307,8 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
         metrics = _task(cfg, task, arm.name, weights, encoder_sha, seed, base / task.label, store, log, build,
                         quiet)
         if metrics is not None:
-            rows.append(result_row(arm, seed, task, metrics, summary, ratios, time.perf_counter() - t0))
+            rows.append(result_row(arm, seed, task, metrics, summary, ratios, time.perf_counter() - t0,
+                                   quality or {}))
     return rows
 
 
@@ -350,11 +364,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
         # shards build the shared ROI manifests one at a time (the second finds them done)
         with lock_folder(out, name=".mwm.lock-rois", what="bench ROI preparation", wait_s=6 * 3600):
             rois = _arm_rois(cfg, store, build=not only_tables)
+        quality = {p: roi_quality(cfg, p) for p in set(rois.values()) if p is not None and p.is_file()}
         rows: list[dict] = []
         for k, (seed, arm) in enumerate(run_order(cfg)):
             mine = k % n == i  # another shard's part is only read (and not reported on)
             rows += _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=mine and not only_tables,
-                              quiet=not mine)
+                              quiet=not mine, quality=quality.get(rois[arm.name]))
         write_tables(cfg, rows)
         bench_plots(cfg, rows, out / "plots")
     return rows

@@ -29,9 +29,10 @@ MAIN_METRICS: dict[str, list[str]] = {
 
 
 def result_row(arm: ArmConfig, seed: int, task: TaskConfig, metrics: dict, summary: dict, ratios: dict,
-               task_seconds: float) -> dict:
+               task_seconds: float, roi_quality: dict | None = None) -> dict:
     """One flat row: arm, strategy, the arm's nominal ratios, seed, task, every scalar metric, pretraining
-    seconds / final loss and realised mask ratios."""
+    seconds / final loss / mask grid, realised mask ratios, and the ROI quality of a guided arm's manifest
+    (``roi_precision`` / ``roi_recall`` against the data's masks)."""
     m = arm.masking
     row = {"arm": arm.name, "strategy": arm.strategy or "none", "ratio": m.get("ratio"),
            "ratio_in": m.get("ratio_in"), "ratio_out": m.get("ratio_out"), "seed": seed, "task": task.label,
@@ -42,8 +43,11 @@ def result_row(arm: ArmConfig, seed: int, task: TaskConfig, metrics: dict, summa
     row["task_seconds"] = metrics.get("seconds", task_seconds)
     row["pretrain_seconds"] = summary.get("seconds")
     row["pretrain_final_loss"] = summary.get("final_loss")
+    grid = summary.get("mask_grid")
+    row["mask_grid"] = f"{grid[0]}x{grid[1]}" if grid else None
     for k in ("mask_ratio", "mask_ratio_in", "mask_ratio_out"):
         row[f"realised_{k}"] = ratios.get(k)
+    row.update(roi_quality or {})
     return row
 
 
@@ -109,9 +113,9 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
     for task in cfg.tasks:
         metrics = MAIN_METRICS[task.kind]
         lines += [f"## {task.label}", "",
-                  "| arm | mask ratio (realised: all / ROI / bg) | pretrain s | n | "
+                  "| arm | mask grid | mask ratio (realised: all / ROI / bg) | ROI precision / recall | pretrain s | n | "
                   + " | ".join(metrics) + (f" | Δ {metrics[0]} vs {base}" if base else "") + " |",
-                  "|---|---|---|---|" + "---|" * len(metrics) + ("---|" if base else "")]
+                  "|---|---|---|---|---|---|" + "---|" * len(metrics) + ("---|" if base else "")]
         for arm in cfg.arms:
             recs = {r["metric"]: r for r in summary if r["task"] == task.label and r["arm"] == arm.name}
             if not recs:
@@ -125,6 +129,9 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
             ratios = [avg("realised_mask_ratio"), avg("realised_mask_ratio_in"), avg("realised_mask_ratio_out")]
             rtxt = " / ".join("–" if v is None else f"{v:.2f}" for v in ratios) if arm.pretrain else "no pretraining"
             secs = avg("pretrain_seconds")
+            grid = next((r["mask_grid"] for r in arm_rows if r.get("mask_grid")), "–")
+            q = [avg("roi_precision"), avg("roi_recall")]
+            qtxt = "–" if q[0] is None else f"{q[0]:.2f} / {q[1]:.2f}"
             cells = [_fmt(recs[m]["mean"], recs[m]["std"], True) if m in recs else "–" for m in metrics]
             first = recs.get(metrics[0], {})
             if base:
@@ -133,7 +140,7 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
                     cells.append(f"{first['diff'] * 100:+.1f}" + (f" ± {ci * 100:.1f}" if ci is not None else ""))
                 else:
                     cells.append("—")
-            lines.append(f"| {arm.name} | {rtxt} | {'–' if secs is None else f'{secs:.0f}'} | "
+            lines.append(f"| {arm.name} | {grid} | {rtxt} | {qtxt} | {'–' if secs is None else f'{secs:.0f}'} | "
                          f"{recs[metrics[0]]['n'] if metrics[0] in recs else 0} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

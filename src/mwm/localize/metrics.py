@@ -182,9 +182,7 @@ def evaluate_manifest(manifest: str | Path | list[dict], gt: str | Path | Ground
     one reduction per stack). ``random_baseline`` adds ``random_*`` means for boxes of the same sizes at
     random positions (``seed``).
     """
-    from .manifest import read_manifest
-
-    from .manifest import check_records
+    from .manifest import check_records, read_manifest
 
     # records given directly go through the same contract as a file: NaN boxes are an error, not a 0 score
     recs = read_manifest(manifest) if isinstance(manifest, (str, Path)) else check_records(list(manifest), "manifest")

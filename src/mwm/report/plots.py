@@ -89,6 +89,23 @@ def ratio_sweep(points: dict[str, list[tuple[float, float, float | None]]], path
     return _save(plt, fig, Path(path))
 
 
+def roi_quality_curve(points: list[tuple[str, float, float, float, float | None]], path: str | Path, metric: str,
+                      baseline: str, title: str = "") -> Path:
+    """Benefit vs ROI quality: one point per guided arm at its ROIs' occlusion precision (x), the paired
+    difference of ``metric`` to ``baseline`` (y, ×100) with its 95 % interval; labelled with the arm and its
+    ROI recall. points = [(arm, precision, recall, diff, ci half-width or None), …]."""
+    plt, fig, ax = _fig()
+    for name, p, r, d, ci in sorted(points, key=lambda t: t[1]):
+        ax.errorbar([p], [d * 100], yerr=[[0 if ci is None else ci * 100]], fmt="o", capsize=4)
+        ax.annotate(f"{name} (recall {r:.2f})", (p, d * 100), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    ax.axhline(0, color="#888888", lw=1)
+    ax.set_xlabel("ROI occlusion precision (|box ∩ mask| / |box|)")
+    ax.set_ylabel(f"Δ {metric} vs {baseline} ×100 (95 % CI)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, Path(path))
+
+
 def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
     """Per task: bars of the first main metric per arm; a mask-ratio sweep when ≥ 2 arms of one strategy (and
     one ROI source) differ in realised ratio; loss curves of every arm's first seed."""
@@ -118,6 +135,15 @@ def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
         if pts:
             paths.append(ratio_sweep(pts, out / f"{task.label}_sweep.png", metric,
                                      f"{cfg.name}: {task.label} vs mask ratio"))
+        quality = []
+        for r in recs:
+            q = [x for x in rows if x["arm"] == r["arm"] and x["task"] == task.label and x.get("roi_precision") is not None]
+            if q and "diff" in r:
+                quality.append((r["arm"], float(np.mean([x["roi_precision"] for x in q])),
+                                float(np.mean([x["roi_recall"] for x in q])), r["diff"], r.get("diff_ci")))
+        if len(quality) >= 2:
+            paths.append(roi_quality_curve(quality, out / f"{task.label}_roi_quality.png", metric,
+                                           cfg.baseline_arm, f"{cfg.name}: {task.label} vs ROI quality"))
     curves = {a.name: run_dir(cfg, a.name, cfg.seeds_of(a)[0]) / "pretrain" / "metrics.csv"
               for a in cfg.arms if a.pretrain}
     p = loss_curves(curves, out / "pretrain_loss.png", f"{cfg.name}: pretraining loss (each arm's first seed)")
