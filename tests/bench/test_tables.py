@@ -137,3 +137,29 @@ def test_roi_quality_columns_and_curve(tmp_path):
     assert tmp_path / "plots" / "linear_roi_quality.png" in paths
     rows = [r for r in rows if r["arm"] != "mwm-bad"]  # one guided arm: no curve
     assert tmp_path / "plots" / "linear_roi_quality.png" not in bench_plots(cfg, rows, tmp_path / "p2")
+
+
+def test_baseline_chosen_on_validation_not_test(tmp_path):
+    """baseline_from picks the arm with the best mean *validation* score, even when another is better on test."""
+    from mwm.bench.tables import choose_baseline
+
+    arms = [{"name": "scratch", "pretrain": False},
+            {"name": "random-0.4", "masking": {"strategy": "random", "ratio": 0.4}},
+            {"name": "random-0.6", "masking": {"strategy": "random", "ratio": 0.6}},
+            {"name": "mwm", "masking": {"strategy": "roi", "ratio_in": 0.8, "ratio_out": 0.2}}]
+    cfg = _cfg(tmp_path, arms=arms, baseline_from=["random-0.4", "random-0.6"])
+    rows = []
+    for arm, test, val in [("random-0.4", 0.80, 0.70), ("random-0.6", 0.70, 0.75), ("mwm", 0.78, 0.74),
+                           ("scratch", 0.6, 0.6)]:
+        rows += [{"arm": arm, "seed": s, "task": "linear", "kind": "linear", "accuracy": test + s / 100,
+                  "val_accuracy": val} for s in range(3)]
+    assert choose_baseline(cfg, rows) == "random-0.6"  # 0.75 on val beats 0.70, though worse on test
+    summary = {(r["arm"], r["metric"]): r for r in summarize(cfg, rows)}
+    assert summary[("mwm", "accuracy")]["diff"] == pytest.approx(0.08)
+    write_tables(cfg, rows)
+    assert "`random-0.6` is the best of ['random-0.4', 'random-0.6'] by mean validation accuracy" in \
+        (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="not both"):
+        _cfg(tmp_path, arms=arms, baseline="random-0.4", baseline_from=["random-0.6"])
+    with pytest.raises(ValueError, match="do not exist"):
+        _cfg(tmp_path, arms=arms, baseline_from=["random-0.9"])

@@ -137,6 +137,10 @@ class BenchConfig(BaseModel):
     arms: list[ArmConfig] = Field(min_length=1)
     baseline: str | None = Field(default=None, description="arm the others are compared to; default: the first "
                                                            "arm with random masking")
+    baseline_from: list[str] | None = Field(default=None, min_length=1, description="choose the baseline among "
+                                            "these arms: the best mean *validation* score (first task, first "
+                                            "metric), e.g. random masking at its best ratio, as the MWM paper "
+                                            "compares to SparK at its best ratio")
     tasks: list[TaskConfig] = Field(default_factory=lambda: [TaskConfig(kind="linear")], min_length=1)
     device: str = Field(default="auto", description="auto, cpu, cuda")
 
@@ -166,6 +170,12 @@ class BenchConfig(BaseModel):
         names = [a.name for a in self.arms]
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline '{self.baseline}' is not an arm; arms are {names}")
+        if self.baseline_from is not None:
+            if self.baseline is not None:
+                raise ValueError("give baseline (a fixed arm) or baseline_from (the best of several on val), not both")
+            bad = [a for a in self.baseline_from if a not in names]
+            if bad:
+                raise ValueError(f"baseline_from names arms that do not exist: {bad}; arms are {names}")
         unknown = sorted({a for t in self.tasks for a in (t.arms or []) if a not in names})
         if unknown:
             raise ValueError(f"tasks name arms that do not exist: {unknown}; arms are {names}")
@@ -192,6 +202,10 @@ class BenchConfig(BaseModel):
 
     @property
     def baseline_arm(self) -> str | None:
+        """The fixed baseline (``baseline``, else the first random-masking arm); with ``baseline_from`` the
+        choice depends on results: :func:`mwm.bench.tables.choose_baseline`."""
+        if self.baseline_from:
+            return None
         if self.baseline:
             return self.baseline
         return next((a.name for a in self.arms if a.pretrain and a.strategy == "random"), None)

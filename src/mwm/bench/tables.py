@@ -17,7 +17,7 @@ import numpy as np
 from ..io import atomic_write_text
 from .config import ArmConfig, BenchConfig, TaskConfig
 
-__all__ = ["MAIN_METRICS", "result_row", "summarize", "write_tables", "paired_difference"]
+__all__ = ["MAIN_METRICS", "result_row", "summarize", "write_tables", "paired_difference", "choose_baseline"]
 
 # What each task kind reports in results.md (results.csv has every scalar metric).
 MAIN_METRICS: dict[str, list[str]] = {
@@ -40,6 +40,9 @@ def result_row(arm: ArmConfig, seed: int, task: TaskConfig, metrics: dict, summa
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             row[k] = v
+    for k, v in (metrics.get("val") or {}).items():  # what model selection saw: baselines are chosen on these
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            row[f"val_{k}"] = v
     row["task_seconds"] = metrics.get("seconds", task_seconds)
     row["pretrain_seconds"] = summary.get("seconds")
     row["pretrain_final_loss"] = summary.get("final_loss")
@@ -66,9 +69,24 @@ def _fmt(mean: float, sd: float | None, pct: bool) -> str:
     return f"{mean * s:.1f} ± {sd * s:.1f}" if sd is not None else f"{mean * s:.1f}"
 
 
+def choose_baseline(cfg: BenchConfig, rows: list[dict]) -> str | None:
+    """The baseline arm: ``cfg.baseline`` (or the first random arm), or with ``baseline_from`` the listed arm with
+    the best mean validation score of the first task's first metric (``val_<metric>``; never the test score)."""
+    if not cfg.baseline_from:
+        return cfg.baseline_arm
+    task = cfg.tasks[0]
+    key = f"val_{MAIN_METRICS[task.kind][0]}"
+    scores = {}
+    for name in cfg.baseline_from:
+        vals = [r[key] for r in rows if r["arm"] == name and r["task"] == task.label and r.get(key) is not None]
+        if vals:
+            scores[name] = float(np.mean(vals))
+    return max(scores, key=scores.get) if scores else None
+
+
 def summarize(cfg: BenchConfig, rows: list[dict]) -> list[dict]:
     """Per task × arm × main metric: n, mean, std, and the paired difference to the baseline (same seeds)."""
-    base = cfg.baseline_arm
+    base = choose_baseline(cfg, rows)
     out = []
     for task in cfg.tasks:
         for arm in cfg.arms:
@@ -101,7 +119,7 @@ def describe_rois(rois) -> str:
 
 
 def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
-    base = cfg.baseline_arm
+    base = choose_baseline(cfg, rows)
     own = [f"`{a.name}`: {describe_rois(a.rois)}" for a in cfg.arms if a.rois is not None]
     lines = [f"# Bench `{cfg.name}`", "",
              f"Data `{cfg.data}`, {cfg.arch} at {cfg.size} px, seeds {cfg.seeds}"
@@ -109,7 +127,10 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
              + f", ROIs: {describe_rois(cfg.rois)}"
              + (f" (arms with their own: {'; '.join(own)})" if own else "")
              + f". Metrics ×100, mean ± std over seeds; Δ = paired difference to `{base}` with its 95 % "
-               "t-interval (same seeds).", ""]
+               "t-interval (same seeds)"
+             + (f"; `{base}` is the best of {cfg.baseline_from} by mean validation "
+                f"{MAIN_METRICS[cfg.tasks[0].kind][0]} ({cfg.tasks[0].label})" if cfg.baseline_from else "")
+             + ".", ""]
     for task in cfg.tasks:
         metrics = MAIN_METRICS[task.kind]
         lines += [f"## {task.label}", "",

@@ -110,7 +110,7 @@ def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
     """Per task: bars of the first main metric per arm; a mask-ratio sweep when ≥ 2 arms of one strategy (and
     one ROI source) differ in realised ratio; loss curves of every arm's first seed."""
     from ..bench.runner import run_dir
-    from ..bench.tables import MAIN_METRICS, describe_rois, summarize
+    from ..bench.tables import MAIN_METRICS, choose_baseline, describe_rois, summarize
 
     out = Path(out)
     paths: list[Path] = []
@@ -143,7 +143,7 @@ def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
                                 float(np.mean([x["roi_recall"] for x in q])), r["diff"], r.get("diff_ci")))
         if len(quality) >= 2:
             paths.append(roi_quality_curve(quality, out / f"{task.label}_roi_quality.png", metric,
-                                           cfg.baseline_arm, f"{cfg.name}: {task.label} vs ROI quality"))
+                                           choose_baseline(cfg, rows), f"{cfg.name}: {task.label} vs ROI quality"))
     curves = {a.name: run_dir(cfg, a.name, cfg.seeds_of(a)[0]) / "pretrain" / "metrics.csv"
               for a in cfg.arms if a.pretrain}
     p = loss_curves(curves, out / "pretrain_loss.png", f"{cfg.name}: pretraining loss (each arm's first seed)")
