@@ -170,3 +170,21 @@ def test_options_added_since_at_their_default_keep_a_part(tmp_path):
     rec["hash"] = "1" * 64
     now.record.write_text(json.dumps(rec))
     assert store.state(now) == "stale"
+
+
+def test_a_revision_bump_reruns_parts_recorded_before_it(tmp_path, monkeypatch):
+    """A task recorded before mwm changed what it computes (revision) is stale even though every option the
+    record lacks holds its default now."""
+    from mwm.bench import parts as P
+    from mwm.transfer.classify import FinetuneConfig
+
+    tc = FinetuneConfig(data=tmp_path / "d.npz", out=tmp_path / "t", weights="none", arch="resnet18")
+    store = P.PartStore(tmp_path, lambda s: None)
+    monkeypatch.setitem(P.REVISION, "task", 1)
+    old = P.Part("task", tc.out, tc.out / "metrics.json", P.task_identity("linear", tc, None), config=tc)
+    store.write_record(old)
+    (tc.out / "metrics.json").write_text("{}")
+    monkeypatch.setitem(P.REVISION, "task", 2)
+    now = P.Part("task", tc.out, tc.out / "metrics.json", P.task_identity("linear", tc, None), config=tc)
+    assert "revision" not in old.identity and now.identity["revision"] == 2
+    assert store.state(now) == "stale"

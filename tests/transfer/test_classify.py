@@ -64,7 +64,7 @@ def logits_from_saved(out, data, split: str) -> tuple[torch.Tensor, np.ndarray]:
 @pytest.fixture(scope="module")
 def linear(phantoms_npz, encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("linear")
-    cfg = cfg_for(phantoms_npz, out, encoder, mode="linear", epochs=150, patience=0)
+    cfg = cfg_for(phantoms_npz, out, encoder, mode="linear", epochs=150, patience=0, probe="path")
     return cfg, finetune(cfg)
 
 
@@ -288,3 +288,19 @@ def test_br35h_linear_probe_small(tmp_path):
     assert cm.shape == (2, 2) and cm.sum() == 441
     assert m["accuracy"] == pytest.approx(np.trace(cm) / 441)
     assert m["auroc"] > 0.6  # random resnet18 features still separate tumours a little
+
+
+def test_linear_probe_sweep_keeps_the_best_penalty_on_val(phantoms_npz, encoder, tmp_path):
+    """probe: sweep fits every penalty of the grid (largest first) and keeps the one with the best val score."""
+    grid = [10.0, 1.0, 0.1, 0.01, 1e-3]
+    cfg = cfg_for(phantoms_npz, tmp_path / "s", encoder, mode="linear", epochs=500, probe_grid=grid)
+    assert cfg.probe == "sweep"
+    m = finetune(cfg)
+    rows = history(cfg.out)
+    assert [r["weight_decay"] for r in rows] == pytest.approx(grid) and len(rows) == len(grid)
+    best = max(rows, key=lambda r: (r["val_macro_f1"], -r["val_loss"]))
+    assert m["best_epoch"] == best["epoch"] and m["probe_weight_decay"] == pytest.approx(best["weight_decay"])
+    assert m["val"]["macro_f1"] == pytest.approx(best["val_macro_f1"], abs=1e-6)
+    # stronger penalties fit the training set less well: the train loss falls along the grid
+    losses = [r["train_loss"] for r in rows]
+    assert all(a >= b - 1e-4 for a, b in zip(losses, losses[1:])) and losses[0] > losses[-1]

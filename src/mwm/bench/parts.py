@@ -47,7 +47,16 @@ PRETRAIN_IGNORED = frozenset({"out", "resume", "workers", "log_every", "checkpoi
                               "min_roi_share", "init_sha256"})
 TASK_IGNORED = frozenset({"out", "device", "log_every", "examples", "score_thresh"})
 
+# Bumped when mwm changes what a kind of part computes under the same options (a new default behaviour), so
+# parts recorded before are rerun instead of adopted as "options added since, at their defaults". A revision of 1
+# adds nothing to the identity. task 2: the linear probe's regularisation sweep (issue 11).
+REVISION = {"pretrain": 1, "task": 2, "rois": 1}
+
 State = Literal["missing", "partial", "done", "stale"]
+
+
+def _revised(identity: dict, kind: str) -> dict:
+    return {**identity, "revision": REVISION[kind]} if REVISION[kind] > 1 else identity
 
 
 def identity_hash(identity: dict) -> str:
@@ -67,7 +76,7 @@ def task_identity(kind: str, tc: Any, encoder_sha: str | None) -> dict:
     SHA-256 of the encoder file (None: ``weights: none``, random init)."""
     d = tc.model_dump(mode="json", exclude=set(TASK_IGNORED))
     d["weights"] = "none" if encoder_sha is None else {"sha256": encoder_sha}
-    return {"part": f"task:{kind}", **d}
+    return _revised({"part": f"task:{kind}", **d}, "task")
 
 
 def rois_identity(data: Path, source: Any) -> dict:

@@ -22,6 +22,14 @@ iterations without a learning rate to tune; full-batch Adam on a few hundred sta
 hundreds of steps (measured on br35h), which noisy val early stopping then mistakes for convergence.
 ``epochs`` is then the number of L-BFGS iterations and ``lr`` its step length (1 with the line search).
 
+``probe: sweep`` (the default since issue 11) is the standard linear-probe protocol instead (CLIP's evaluation,
+Radford et al. 2021 §3.2: L-BFGS logistic regression with the L2 strength chosen on val): the head is trained to
+convergence (up to ``epochs`` L-BFGS iterations) at each penalty of ``probe_grid``, from the strongest down,
+warm-started from the previous solution, and the penalty with the best val score is kept. Measured on Br35H
+pilot encoders, the early-stopped path (``probe: path``) gave 81.4 / 85.0 test accuracy for two pretraining
+seeds of one arm, the sweep 84.6 / 84.6: stopping at a noisy val maximum along one path adds spread that
+the converged, regularised fits do not have. One history row per penalty (``epoch`` = its index, from 1).
+
 ``full``: the timm model with a ``num_classes`` head, AdamW with layer-wise lr decay (timm's
 ``create_optimizer_v2(layer_decay=…)``: the head at ``lr``, each earlier block × ``layer_decay``), linear warmup
 then cosine per step, label smoothing, optional balanced class weights ``n / (k · n_c)``, light batched
@@ -111,6 +119,12 @@ class FinetuneConfig(BaseModel):
     hflip: float = Field(default=0.5, ge=0, le=1, description="probability of a horizontal flip (full)")
     monitor: Literal["macro_f1", "loss"] = Field(default="macro_f1", description="val selection: macro-F1 (ties "
                                                                                  "→ lower loss) or loss")
+    probe: Literal["sweep", "path"] = Field(default="sweep", description="linear: 'sweep' = converged fits over "
+                                            "probe_grid's L2 strengths, the best on val; 'path' = one L-BFGS "
+                                            "path from zero at weight_decay, early-stopped on val")
+    probe_grid: list[float] = Field(default_factory=lambda: [10.0 ** (e / 2) for e in range(2, -11, -1)],
+                                    min_length=1, description="linear sweep: L2 strengths (wd/2 · ‖W‖² on the "
+                                    "mean loss), tried from the largest; default 10 … 1e-5 in half decades")
     patience: int | None = Field(default=None, ge=0, description="stop after this many epochs/steps without a "
                                                                  "better val score (0: never stop early)")
     seed: int = Field(default=0, ge=0)
@@ -291,10 +305,11 @@ def _augment(x: torch.Tensor, scale: tuple[float, float], hflip: float, g: torch
 def _write_history(path: Path, rows: list[dict]) -> None:
     from ..io import atomic_write_text
 
-    lines = [",".join(HISTORY_COLUMNS)]
+    cols = HISTORY_COLUMNS + (("weight_decay",) if any("weight_decay" in r for r in rows) else ())  # probe sweep
+    lines = [",".join(cols)]
     for r in rows:
         lines.append(",".join("" if r.get(c) is None else f"{r[c]:.8g}" if isinstance(r[c], float) else str(r[c])
-                              for c in HISTORY_COLUMNS))
+                              for c in cols))
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -464,6 +479,8 @@ def finetune(cfg: FinetuneConfig, progress=None) -> dict:
         "seconds": time.perf_counter() - t0, "mode": cfg.mode, "weights": spec.source,
         "arch": spec.arch, "size": cfg.size, "label_names": label_names, "epochs_run": result["epochs_run"],
         "features": features_status, "model": str(model_path),
+        **({"probe": cfg.probe, "probe_weight_decay": result["weight_decay"]}
+           if cfg.mode == "linear" and cfg.probe == "sweep" else {}),
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     emit("end", result["epochs_run"], cfg.epochs, metrics)
@@ -499,6 +516,9 @@ def _write_cache(path: Path, key: str, feats: dict, label_names: list[str]) -> N
 
 
 def _linear(cfg: FinetuneConfig, feats: dict, k: int, fabric, emit) -> dict:
+    """The linear probe on cached features: :func:`_probe_sweep` or the early-stopped L-BFGS path."""
+    if cfg.probe == "sweep":
+        return _probe_sweep(cfg, feats, k, fabric, emit)
     device = fabric.device
     xtr, ytr = feats["train"][0].to(device), feats["train"][1].to(device)
     mu = xtr.mean(0)
@@ -547,6 +567,56 @@ def _linear(cfg: FinetuneConfig, feats: dict, k: int, fabric, emit) -> dict:
         test = classification_metrics(head(x["test"]), y["test"], k)
     return {"val": val, "test": test, "best_epoch": keep.best_epoch, "epochs_run": epoch, "history": history,
             "head": head.cpu(), "feat_mean": mu.cpu(), "feat_std": sd.cpu()}
+
+
+def _probe_sweep(cfg: FinetuneConfig, feats: dict, k: int, fabric, emit) -> dict:
+    """Converged L2-regularised logistic regression at every strength of ``cfg.probe_grid`` (largest first, each
+    warm-started from the previous solution); the strength with the best val score (``cfg.monitor``) is kept.
+
+    Returns the same dict as the path probe; ``best_epoch`` is the chosen strength's index (from 1) and
+    ``weight_decay`` the strength itself.
+    """
+    device = fabric.device
+    xtr, ytr = feats["train"][0].to(device), feats["train"][1].to(device)
+    mu = xtr.mean(0)
+    sd = xtr.std(0, unbiased=False).clamp(min=1e-6)
+    x = {s: ((feats[s][0].to(device) - mu) / sd) for s in ("train", "val", "test")}
+    y = {s: feats[s][1].to(device) for s in ("train", "val", "test")}
+    head = torch.nn.Linear(xtr.shape[1], k).to(device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    w = _class_weight(ytr, k, cfg.class_weights, device)
+    grid = sorted(cfg.probe_grid, reverse=True)
+    emit("start", 0, len(grid), {"mode": "linear", "n_train": len(ytr), "n_val": len(y["val"]),
+                                 "n_test": len(y["test"]), "epochs": len(grid), "dim": xtr.shape[1]})
+    keep, history = BestOnVal(None), []
+    for i, wd in enumerate(grid, 1):
+        opt = torch.optim.LBFGS(head.parameters(), lr=cfg.lr, max_iter=cfg.epochs, history_size=20,
+                                tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(head(x["train"]), y["train"], weight=w, label_smoothing=cfg.label_smoothing)
+            (loss + 0.5 * wd * head.weight.pow(2).sum()).backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            train_loss = F.cross_entropy(head(x["train"]), y["train"], weight=w).item()
+            vm = _val_scores(head(x["val"]), y["val"], k)
+        row = {"epoch": i, "train_loss": train_loss, "val_loss": vm["loss"], "val_accuracy": vm["accuracy"],
+               "val_macro_f1": vm["macro_f1"], "lr": cfg.lr, "weight_decay": wd}
+        history.append(row)
+        keep.update(_score(vm, cfg.monitor), i, head)
+        emit("epoch", i, len(grid), {**row, "best_epoch": keep.best_epoch})
+    keep.restore(head)
+    head.eval()
+    with torch.no_grad():
+        val = classification_metrics(head(x["val"]), y["val"], k)
+        test = classification_metrics(head(x["test"]), y["test"], k)
+    return {"val": val, "test": test, "best_epoch": keep.best_epoch, "epochs_run": len(grid), "history": history,
+            "head": head.cpu(), "feat_mean": mu.cpu(), "feat_std": sd.cpu(),
+            "weight_decay": grid[keep.best_epoch - 1]}
 
 
 def _fold_head(model, head: torch.nn.Linear, mu: torch.Tensor, sd: torch.Tensor) -> None:
