@@ -56,6 +56,13 @@ TABLE_COLUMNS = ["rank", "layer", "beta", "binarize", "threshold", "components",
                  "precision", "recall", "dice", "iou", "n_failed", "is_default"]
 
 
+def _distinct(values: list, ok, message: str) -> list:
+    """A grid axis: every value passes ``ok`` (else ``ValueError(message)``), duplicates dropped in order."""
+    if not all(ok(v) for v in values):
+        raise ValueError(f"{message}; got {values}")
+    return list(dict.fromkeys(values))
+
+
 class TuneConfig(BaseModel):
     """`mwm localize-tune`: the grid, the tuning images and the saliency settings they share."""
 
@@ -96,23 +103,17 @@ class TuneConfig(BaseModel):
     @field_validator("thresholds")
     @classmethod
     def _thresholds(cls, v: list[float]) -> list[float]:
-        if any(not 0 <= t <= 1 for t in v):
-            raise ValueError(f"thresholds must be in [0, 1]; got {v}")
-        return list(dict.fromkeys(v))
+        return _distinct(v, lambda t: 0 <= t <= 1, "thresholds must be in [0, 1]")
 
     @field_validator("components")
     @classmethod
     def _components(cls, v: list[int]) -> list[int]:
-        if any(k < 1 for k in v):
-            raise ValueError(f"components must be >= 1; got {v}")
-        return list(dict.fromkeys(v))
+        return _distinct(v, lambda c: c >= 1, "components must be >= 1")
 
     @field_validator("expand")
     @classmethod
     def _expand(cls, v: list[float]) -> list[float]:
-        if any(e < 0 for e in v):
-            raise ValueError(f"expand ratios must be >= 0; got {v}")
-        return list(dict.fromkeys(v))
+        return _distinct(v, lambda e: e >= 0, "expand ratios must be >= 0")
 
     @field_validator("layers")
     @classmethod

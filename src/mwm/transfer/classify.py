@@ -515,22 +515,29 @@ def _write_cache(path: Path, key: str, feats: dict, label_names: list[str]) -> N
         np.savez(tmp, **arrays)
 
 
+def _probe_inputs(feats: dict, k: int, device) -> tuple[dict, dict, torch.Tensor, torch.Tensor, torch.nn.Linear]:
+    """Features standardized with the train statistics (x, y per split), those statistics (mu, sd) and a
+    zero-initialised linear head on ``device``."""
+    raw = feats["train"][0].to(device)
+    mu = raw.mean(0)
+    sd = raw.std(0, unbiased=False).clamp(min=1e-6)
+    x = {s: ((feats[s][0].to(device) - mu) / sd) for s in ("train", "val", "test")}
+    y = {s: feats[s][1].to(device) for s in ("train", "val", "test")}
+    head = torch.nn.Linear(raw.shape[1], k).to(device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return x, y, mu, sd, head
+
+
 def _linear(cfg: FinetuneConfig, feats: dict, k: int, fabric, emit) -> dict:
     """The linear probe on cached features: :func:`_probe_sweep` or the early-stopped L-BFGS path."""
     if cfg.probe == "sweep":
         return _probe_sweep(cfg, feats, k, fabric, emit)
-    device = fabric.device
-    xtr, ytr = feats["train"][0].to(device), feats["train"][1].to(device)
-    mu = xtr.mean(0)
-    sd = xtr.std(0, unbiased=False).clamp(min=1e-6)
-    x = {s: ((feats[s][0].to(device) - mu) / sd) for s in ("train", "val", "test")}
-    y = {s: feats[s][1].to(device) for s in ("train", "val", "test")}
-    head = torch.nn.Linear(xtr.shape[1], k).to(device)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
+    x, y, mu, sd, head = _probe_inputs(feats, k, fabric.device)
+    xtr, ytr = x["train"], y["train"]
     # one L-BFGS iteration (with its strong-Wolfe line search) per "epoch", so early stopping sees every iterate
     opt = torch.optim.LBFGS(head.parameters(), lr=cfg.lr, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
-    w = _class_weight(ytr, k, cfg.class_weights, device)
+    w = _class_weight(ytr, k, cfg.class_weights, fabric.device)
     emit("start", 0, cfg.epochs, {"mode": "linear", "n_train": len(ytr), "n_val": len(y["val"]),
                                   "n_test": len(y["test"]), "epochs": cfg.epochs, "dim": xtr.shape[1]})
     keep = BestOnVal(cfg.patience)
@@ -576,16 +583,9 @@ def _probe_sweep(cfg: FinetuneConfig, feats: dict, k: int, fabric, emit) -> dict
     Returns the same dict as the path probe; ``best_epoch`` is the chosen strength's index (from 1) and
     ``weight_decay`` the strength itself.
     """
-    device = fabric.device
-    xtr, ytr = feats["train"][0].to(device), feats["train"][1].to(device)
-    mu = xtr.mean(0)
-    sd = xtr.std(0, unbiased=False).clamp(min=1e-6)
-    x = {s: ((feats[s][0].to(device) - mu) / sd) for s in ("train", "val", "test")}
-    y = {s: feats[s][1].to(device) for s in ("train", "val", "test")}
-    head = torch.nn.Linear(xtr.shape[1], k).to(device)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    w = _class_weight(ytr, k, cfg.class_weights, device)
+    x, y, mu, sd, head = _probe_inputs(feats, k, fabric.device)
+    xtr, ytr = x["train"], y["train"]
+    w = _class_weight(ytr, k, cfg.class_weights, fabric.device)
     grid = sorted(cfg.probe_grid, reverse=True)
     emit("start", 0, len(grid), {"mode": "linear", "n_train": len(ytr), "n_val": len(y["val"]),
                                  "n_test": len(y["test"]), "epochs": len(grid), "dim": xtr.shape[1]})
