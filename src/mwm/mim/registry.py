@@ -49,16 +49,16 @@ def create_mim_model(cfg: BaseModel | dict) -> nn.Module:
     if method not in MIM_MODELS:
         raise ValueError(f"unknown MIM method '{method}'; choose one of {sorted(MIM_MODELS)}")
     check_arch(cfg.arch)
+    family = _family(cfg.arch)  # before building: a wrong family fails in many ways inside the builders
+    fits = {"vit": "mae", "cnn": "spark"}.get(family)
+    if fits is not None and fits != method:
+        kind = "a ViT" if family == "vit" else "a CNN"
+        raise ValueError(f"--method {method} cannot pretrain '{cfg.arch}', which is {kind}: use --method {fits} "
+                         "(or leave --method out: it follows --arch); spark takes timm CNNs (resnet*, "
+                         "convnext*), mae takes timm ViTs (vit_*, deit_*)")
     try:
         return MIM_MODELS[method][1](cfg)
     except (ValueError, TypeError, RuntimeError, AttributeError) as e:
-        family = _family(cfg.arch)
-        fits = {"vit": "mae", "cnn": "spark"}.get(family)
-        if fits is not None and fits != method:
-            kind = "a ViT" if family == "vit" else "a CNN"
-            raise ValueError(f"--method {method} cannot pretrain '{cfg.arch}', which is {kind}: use --method {fits} "
-                             "(or leave --method out: it follows --arch); spark takes timm CNNs (resnet*, "
-                             "convnext*), mae takes timm ViTs (vit_*, deit_*)") from e
         raise ValueError(f"cannot build the {method} model for '{cfg.arch}': {e}") from e
 
 
