@@ -22,6 +22,17 @@ class ConfigError(MWMError):
     """A config file or override that does not validate."""
 
 
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"1/4"`` → (1, 4): shard i of n (0-based) of a job split over n processes; ``ValueError`` otherwise."""
+    try:
+        i, n = (int(p) for p in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"a shard looks like i/n (e.g. 0/4 … 3/4 for four processes), got '{spec}'") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard {spec}: need 0 <= i < n")
+    return i, n
+
+
 def _set_dotted(d: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     for p in parts[:-1]:

@@ -71,4 +71,4 @@ def test_cli_shard_option(phantoms_npz, tmp_path):
     r = CliRunner().invoke(app, ["bench", str(y), "--shard", "2/2"])
     assert r.exit_code == 2 and "0 <= i < n" in r.output
     r = CliRunner().invoke(app, ["bench", str(y), "--shard", "x"])
-    assert r.exit_code == 2 and "--shard 0/2" in r.output
+    assert r.exit_code == 2 and "0/4" in r.output

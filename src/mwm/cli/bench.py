@@ -12,17 +12,14 @@ from .common import SetOpt, console, handle_errors, out
 
 def _parse_shard(shard: str | None) -> tuple[int, int]:
     """``"1/2"`` → (1, 2); None → (0, 1)."""
-    from ..config import ConfigError
+    from ..config import ConfigError, parse_shard
 
     if shard is None:
         return 0, 1
     try:
-        i, n = (int(p) for p in shard.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {shard!r}: give i/n, e.g. --shard 0/2 and --shard 1/2 for two processes") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise ConfigError(f"--shard {shard}: need 0 <= i < n")
-    return i, n
+        return parse_shard(shard)
+    except ValueError as e:
+        raise ConfigError(f"--shard: {e}") from None
 
 
 def _parse_seeds(seeds: str | None) -> list[int] | None:

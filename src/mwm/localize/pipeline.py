@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import __version__
-from ..config import atomic_write_text
+from ..config import atomic_write_text, parse_shard
 from ..io import live_locks
 from ..data import ReadOptions, open_source
 from ..data.transforms import Fit, to_tensor
@@ -73,21 +73,12 @@ class LocalizeConfig(BaseModel):
     @field_validator("shard")
     @classmethod
     def _shard(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:
-            i, n = (int(p) for p in v.split("/"))
-        except ValueError:
-            raise ValueError(f"shard must look like i/n (e.g. 0/4), got '{v}'") from None
-        if not (n >= 1 and 0 <= i < n):
-            raise ValueError(f"shard {v}: need 0 <= i < n")
+        if v is not None:
+            parse_shard(v)
         return v
 
     def shard_index(self) -> tuple[int, int]:
-        if self.shard is None:
-            return 0, 1
-        i, n = (int(p) for p in self.shard.split("/"))
-        return i, n
+        return (0, 1) if self.shard is None else parse_shard(self.shard)
 
 
 def pick_device(spec: str) -> torch.device:
