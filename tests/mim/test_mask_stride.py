@@ -204,3 +204,31 @@ def test_dilated_encoder_keeps_one_level_per_stride():
     keep = random_keep(2, enc.grid(64), 0.6, torch.Generator().manual_seed(0))
     feats = enc(torch.randn(2, 3, 64, 64), keep)
     assert [f.shape[-1] for f in feats] == [16, 8, 4]
+
+
+def test_coarse_all_keeps_deep_levels_sparse_and_masked_pixels_out():
+    """coarse_active='all': a coarser level's cell is active only when every 8-px sub-cell is visible (min-pool),
+    so the deep levels are as sparse as the mask; masked pixels still reach no layer, and the decoder densifies
+    with the same active sets."""
+    keep = keep8(4, ratio=0.6)
+    for side in (1, 2, 4):
+        want = -F.max_pool2d(-keep.float(), 8 // side) > 0  # min-pool: all sub-cells visible
+        assert torch.equal(keep_at(keep, (side, side), "all"), want)
+        assert int(keep_at(keep, (side, side), "all").sum()) < int(keep_at(keep, (side, side)).sum())
+    torch.manual_seed(0)
+    enc = SparseEncoder("resnet18", mask_stride=S, coarse_active="all").train()
+    x = torch.randn(4, 3, SIZE, SIZE)
+    feats, outs = _features_and_layer_outputs(enc, x, keep)
+    feats2, outs2 = _features_and_layer_outputs(enc, perturb_masked(x, keep), keep)
+    for a, b in zip(feats + outs, feats2 + outs2):
+        assert torch.equal(a, b)
+    top = feats[-1]  # stride 32: 2 × 2, active only where all 16 sub-cells are visible
+    assert (top * ~keep_at(keep, top.shape[-2:], "all")).abs().amax() == 0
+    from mwm.mim import SparKConfig, create_mim_model
+
+    model = create_mim_model(SparKConfig(arch="resnet18", size=SIZE, mask_stride=S, coarse_active="all",
+                                         decoder_width=32))
+    assert model.encoder.coarse_active == "all"
+    out = model(x, keep)
+    out2 = model(perturb_masked(x, keep), keep)
+    assert torch.allclose(out["pred"], out2["pred"]) and torch.isfinite(out["loss"])

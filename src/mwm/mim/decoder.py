@@ -139,20 +139,20 @@ class LightDecoder(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def densify(self, features: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
+    def densify(self, features: list[torch.Tensor], keep: torch.Tensor, coarse: str = "any") -> list[torch.Tensor]:
         """Sparse features (finest first) → dense decoder inputs, top level first. keep: (B, 1, h, w) bool at the
         mask grid; each level's active set is the encoder's (:func:`~mwm.mim.sparse.keep_at`: any-pooled where the
         mask grid is finer than the level), its inactive positions get the level's mask token."""
         out = []
         for j, f in enumerate(features[::-1]):
-            k = keep_at(keep, f.shape[-2:])
+            k = keep_at(keep, f.shape[-2:], coarse)
             f = self.densify_norms[j](f, k)
             f = torch.where(k, f, self.mask_tokens[j].to(f.dtype))
             out.append(self.densify_projs[j](f))
         return out
 
-    def forward(self, features: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-        dense = self.densify(features, keep)
+    def forward(self, features: list[torch.Tensor], keep: torch.Tensor, coarse: str = "any") -> torch.Tensor:
+        dense = self.densify(features, keep, coarse)
         x = dense[0].contiguous(memory_format=torch.channels_last) if self.channels_last else dense[0]
         for i, blk in enumerate(self.blocks):
             if 0 < i < len(dense):

@@ -58,7 +58,7 @@ class SparseEncoder(nn.Module):
     """
 
     def __init__(self, arch: str, pretrained: bool = False, min_reduction: int = 4, mask_stride: int | None = None,
-                 **model_kwargs):
+                 coarse_active: str = "any", **model_kwargs):
         super().__init__()
         model = timm.create_model(arch, pretrained=pretrained, **model_kwargs)
         if not hasattr(model, "forward_intermediates") or not hasattr(model, "prune_intermediate_layers"):
@@ -74,6 +74,7 @@ class SparseEncoder(nn.Module):
         self.reductions = [info[i]["reduction"] for i in self.indices]
         self.stride = self.reductions[-1]
         self.mask_stride = check_mask_stride(mask_stride, self.stride, arch)
+        self.coarse_active = coarse_active  # levels coarser than the mask grid: a cell active when any/all visible
         self.in_chans = model_kwargs.get("in_chans", 3)
         self._ctx = MaskContext()
         self.model = sparsify(model, self._ctx)
@@ -88,7 +89,7 @@ class SparseEncoder(nn.Module):
         if keep is not None:
             grid_for(x.shape[-2:], self.stride)
             _check_keep(keep, x, self.mask_stride)
-        with self._ctx.active(keep) as frame:
+        with self._ctx.active(keep, self.coarse_active) as frame:
             if keep is not None:
                 x = x * frame.mask(x.shape[-2:], x.dtype)  # SparK: the encoder sees only visible pixels
             return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)

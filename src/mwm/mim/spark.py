@@ -65,6 +65,9 @@ class SparKConfig(BaseModel):
     mask_stride: int | None = Field(default=None, ge=2, description="pixels per mask cell; default: the encoder's "
                                     "output stride (32). A divisor of it (16, 8, 4) gives a finer grid at the same "
                                     "cost: 8 at 64 px → 8 × 8 cells")
+    coarse_active: Literal["any", "all"] = Field(default="any", description="with a finer mask_stride: a cell of "
+                                                 "a coarser level is active when any (default) or all of its "
+                                                 "mask cells are visible ('all' keeps the deep levels sparse)")
 
     @model_validator(mode="after")
     def _size(self) -> "SparKConfig":
@@ -83,7 +86,7 @@ class SparK(MaskedModel):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encoder(x, keep)
-        pred = self.decoder(feats, keep)
+        pred = self.decoder(feats, keep, self.encoder.coarse_active)
         return {"loss": masked_mse(x, pred, keep, self.norm_pix, self.eps), "pred": pred}
 
     def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -116,7 +119,8 @@ def create_spark(cfg: SparKConfig) -> SparK:
     dpr = spark_drop_path(cfg.arch, cfg.drop_path_rate)
     if dpr:
         kwargs["drop_path_rate"] = dpr
-    enc = SparseEncoder(cfg.arch, pretrained=cfg.pretrained, mask_stride=cfg.mask_stride, **kwargs)
+    enc = SparseEncoder(cfg.arch, pretrained=cfg.pretrained, mask_stride=cfg.mask_stride,
+                        coarse_active=cfg.coarse_active, **kwargs)
     enc.grid(cfg.size)  # validates the size against the real stride
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
     norm = cfg.densify_norm or ("bn" if has_bn else "ln")

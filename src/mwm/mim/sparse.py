@@ -74,7 +74,7 @@ def upsample_keep(keep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return keep[:, :, :, None, :, None].expand(B, 1, h, fh, w, fw).reshape(B, 1, H, W)
 
 
-def keep_at(keep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def keep_at(keep: torch.Tensor, size: tuple[int, int], coarse: str = "any") -> torch.Tensor:
     """The keep-mask at a feature resolution ``size`` = (H, W), from the mask grid (h, w).
 
     Finer maps (H ≥ h): nearest upsampling, every position of a visible cell is visible (:func:`upsample_keep`).
@@ -82,6 +82,9 @@ def keep_at(keep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     sub-cells is visible** (any-pooling over the h/H × w/W sub-cells), so each level sees every visible pixel
     below it; the masked sub-cells of an active cell are still zero at the input and at every finer level, so
     their pixels never reach the features (SparK only upsamples: its mask grid is always the top level's).
+    ``coarse="all"``: a coarse cell is active only when **all** its sub-cells are visible, so the deep levels stay
+    as sparse as the mask (their visible share = the share of fully visible coarse cells); the visible pixels of
+    a partly masked cell then reach only the finer levels. Either way no masked pixel reaches a feature.
     keep: (B, 1, h, w) bool → (B, 1, H, W) bool.
     """
     B, _, h, w = keep.shape
@@ -89,7 +92,8 @@ def keep_at(keep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if H >= h and W >= w:
         return upsample_keep(keep, size)
     if H <= h and W <= w and h % H == 0 and w % W == 0:
-        return keep.reshape(B, 1, H, h // H, W, w // W).any(dim=(3, 5))
+        cells = keep.reshape(B, 1, H, h // H, W, w // W)
+        return cells.all(dim=(3, 5)) if coarse == "all" else cells.any(dim=(3, 5))
     raise ValueError(f"feature size {H}×{W} and the mask grid {h}×{w} do not tile each other; use an input size "
                      f"divisible by the encoder stride and a mask stride that divides it")
 
@@ -102,10 +106,11 @@ class MaskFrame:
     device) so each resolution is built once per forward however many layers use it.
     """
 
-    __slots__ = ("keep", "_cache")
+    __slots__ = ("keep", "coarse", "_cache")
 
-    def __init__(self, keep: torch.Tensor | None):
+    def __init__(self, keep: torch.Tensor | None, coarse: str = "any"):
         self.keep = keep
+        self.coarse = coarse  # how a level coarser than the mask grid pools it (keep_at)
         self._cache: dict = {}
 
     @property
@@ -117,7 +122,7 @@ class MaskFrame:
         key = (size[0], size[1], dtype)
         m = self._cache.get(key)
         if m is None:
-            m = keep_at(self.keep, size).to(dtype)
+            m = keep_at(self.keep, size, self.coarse).to(dtype)
             self._cache[key] = m
         return m
 
@@ -129,8 +134,8 @@ class MaskFrame:
             h, w = self.keep.shape[2:]
             if size[0] >= h and size[1] >= w:  # upsampled: each visible cell is (H/h)·(W/w) positions
                 n = self.keep.sum(dtype=torch.float32) * ((size[0] // h) * (size[1] // w))
-            else:  # any-pooled to a coarser level
-                n = keep_at(self.keep, size).sum(dtype=torch.float32)
+            else:  # pooled to a coarser level
+                n = keep_at(self.keep, size, self.coarse).sum(dtype=torch.float32)
             self._cache[key] = n
         return n
 
@@ -163,8 +168,8 @@ class MaskContext:
         return s
 
     @contextmanager
-    def active(self, keep: torch.Tensor | None):
-        frame = MaskFrame(keep)
+    def active(self, keep: torch.Tensor | None, coarse: str = "any"):
+        frame = MaskFrame(keep, coarse)
         stack = self._stack()
         stack.append(frame)
         try:
