@@ -3,6 +3,8 @@ every n-th arm x seed; the last to finish writes the complete tables."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -72,3 +74,25 @@ def test_cli_shard_option(phantoms_npz, tmp_path):
     assert r.exit_code == 2 and "0 <= i < n" in r.output
     r = CliRunner().invoke(app, ["bench", str(y), "--shard", "x"])
     assert r.exit_code == 2 and "0/4" in r.output
+
+
+def test_the_last_shard_tabulates_parts_other_shards_finished_while_it_ran(phantoms_npz, tmp_path, monkeypatch):
+    """Shard 0 passes shard 1's parts before they exist; shard 1 finishes them while shard 0 trains its last
+    part (run inline here). Shard 0, finishing last, must still report every row."""
+    import mwm.train
+
+    raw = _seeded(phantoms_npz, tmp_path / "b")
+    real = mwm.train.pretrain
+    other_done: list = []
+
+    def pretrain(pc, *a, **k):
+        out = real(pc, *a, **k)
+        if Path(pc.out).parts[-3] == "mwm" and not other_done:  # shard 0's last part: shard 1 runs meanwhile
+            other_done.append(run_bench(BenchConfig.model_validate(raw), log=lambda s: None, shard=(1, 2)))
+        return out
+
+    monkeypatch.setattr(mwm.train, "pretrain", pretrain)
+    rows = run_bench(BenchConfig.model_validate(raw), log=lambda s: None, shard=(0, 2))
+    assert other_done and sorted((r["arm"], r["seed"]) for r in rows) == [
+        ("mwm", 1), ("random", 0), ("random", 1), ("scratch", 0), ("scratch", 1)]
+    assert len(_csv(tmp_path / "b")) == 5

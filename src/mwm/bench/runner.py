@@ -365,11 +365,16 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
         with lock_folder(out, name=".mwm.lock-rois", what="bench ROI preparation", wait_s=6 * 3600):
             rois = _arm_rois(cfg, store, build=not only_tables)
         quality = {p: roi_quality(cfg, p) for p in set(rois.values()) if p is not None and p.is_file()}
-        rows: list[dict] = []
-        for k, (seed, arm) in enumerate(run_order(cfg)):
-            mine = k % n == i  # another shard's part is only read (and not reported on)
-            rows += _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=mine and not only_tables,
-                              quiet=not mine, quality=quality.get(rois[arm.name]))
+        order = run_order(cfg)
+        if not only_tables:
+            for k, (seed, arm) in enumerate(order):
+                if k % n == i:
+                    _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=True)
+        # tabulate after building: other shards finish parts while this one runs, and the last shard to finish
+        # must see them all (another shard's part is only read, and not reported on)
+        rows = [r for k, (seed, arm) in enumerate(order)
+                for r in _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=False, quiet=k % n != i,
+                                   quality=quality.get(rois[arm.name]))]
         write_tables(cfg, rows)
         bench_plots(cfg, rows, out / "plots")
     return rows
