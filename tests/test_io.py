@@ -34,12 +34,18 @@ def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path):
         assert json.loads(p.read_text())["pid"] == os.getpid()
 
 
-def test_lock_of_a_live_process_in_another_interpreter_blocks(tmp_path):
+def _holder(folder, seconds: float) -> subprocess.Popen:
+    """Another interpreter that holds ``folder``'s lock for ``seconds`` (returned once it holds it)."""
     code = ("import sys,time; from mwm.io import lock_folder\n"
-            "with lock_folder(sys.argv[1]):\n print('locked', flush=True); time.sleep(30)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+            f"with lock_folder(sys.argv[1]):\n print('locked', flush=True); time.sleep({seconds})")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_of_a_live_process_in_another_interpreter_blocks(tmp_path):
+    proc = _holder(tmp_path, 30)
     try:
-        assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(MWMError, match=f"pid {proc.pid}"):
             with lock_folder(tmp_path):
                 pass
@@ -70,11 +76,8 @@ def test_read_only_out_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_wait_for_a_held_lock(tmp_path):
-    code = ("import sys,time; from mwm.io import lock_folder\n"
-            "with lock_folder(sys.argv[1]):\n print('locked', flush=True); time.sleep(1.5)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    proc = _holder(tmp_path, 1.5)
     try:
-        assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(MWMError):
             with lock_folder(tmp_path, wait_s=0.3):  # still held after 0.3 s
                 pass

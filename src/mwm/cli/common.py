@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Annotated, Optional
@@ -89,6 +90,18 @@ class TaskBars:
         if self.bar is not None:
             self.bar.stop()
             self.bar, self.tasks = None, {}
+
+
+@contextlib.contextmanager
+def count_bar(label: str):
+    """A transient rich bar on stderr counting items of unknown total; yields ``advance(k)`` for a job's
+    ``progress`` callback (``mwm localize``, ``mwm localize-tune``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda k: bar.advance(task, k)
 
 
 def run_with_bar(fn, cfg, bar: TaskBars, quiet_unreadable: bool = True):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
+from .common import (Axis, ConfigOpt, count_bar, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
 
 
@@ -55,8 +55,6 @@ def localize(
 
     Example: mwm localize scans/ --prompt "brain tumor" --vlm ./biomedclip --out rois/
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from ..config import resolve
     from ..localize.pipeline import LocalizeConfig, localize as run
 
@@ -74,10 +72,8 @@ def localize(
 
         raise MWMError("give --out DIR for the manifest and gallery")
     cfg = resolve(LocalizeConfig, config, set_, opts)
-    with Progress(TextColumn("localize"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                  transient=True) as bar:
-        task = bar.add_task("localize", total=None)
-        summary = run(cfg, progress=lambda k: bar.advance(task, k), overwrite=overwrite)
+    with count_bar("localize") as advance:
+        summary = run(cfg, progress=advance, overwrite=overwrite)
     console.print(f"{summary['processed']} images localized ({summary['ok']} ok, {summary['failed']} without ROI), "
                   f"{summary['skipped_done']} already done, in {summary['seconds']}s → {summary['manifest']}; "
                   f"gallery: {cfg.out / 'index.html'}", highlight=False)

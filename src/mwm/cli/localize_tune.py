@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import ConfigOpt, SetOpt, Strict, console, handle_errors, out
+from .common import ConfigOpt, SetOpt, Strict, console, count_bar, handle_errors, out
 
 
 def _list(v: Optional[str]) -> Optional[list[str]]:
@@ -77,7 +77,6 @@ def localize_tune(
 
     Example: mwm localize-tune ../shared/data/br35h.npz --split val --n 20 --vlm clip_br --prompt "a brain MRI showing tumor" --out tune_br
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..config import resolve
     from ..errors import MWMError
@@ -92,11 +91,8 @@ def localize_tune(
     if out_dir is None and not config:
         raise MWMError("give --out DIR for the tuning table and best.yaml")
     cfg = resolve(TuneConfig, config, set_, opts)
-    with Progress(TextColumn("localize-tune"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                  transient=True) as bar:
-        task = bar.add_task("saliency", total=None)
-        summary = tune(cfg, progress=lambda k: bar.advance(task, k),
-                       log=lambda msg: console.print(msg, highlight=False))
+    with count_bar("localize-tune") as advance:
+        summary = tune(cfg, progress=advance, log=lambda msg: console.print(msg, highlight=False))
     _print(summary, cfg.out / "table.md")
     console.print(f"best settings → {summary['best_yaml']} (mwm localize DATA --config {summary['best_yaml']} --out DIR); "
                   f"{summary['seconds']}s", highlight=False)
