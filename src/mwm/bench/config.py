@@ -90,8 +90,9 @@ class ArmConfig(BaseModel):
     masking: dict[str, Any] = Field(default_factory=dict)
     rois: RoiSourceConfig | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="more PretrainConfig overrides")
-    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1, description="this arm's seeds (default: the "
-                                    "bench's), e.g. 5 seeds for the main arms and 3 for a sweep")
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, min_length=1,
+        description="this arm's seeds (default: the bench's), e.g. 5 seeds for the main arms and 3 for a sweep")
 
     @field_validator("seeds")
     @classmethod

@@ -160,7 +160,8 @@ def check_bench(cfg: BenchConfig) -> None:
 
 def _prepare_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: PartStore, build: bool) -> Path | None:
     """The manifest for one ROI source: ``rois.path`` as given, or gt-boxes (perturbed or not) / foreground boxes
-    (+ fallback) written to ``path`` unless a current one is there. ``build=False`` (tables only): None when it is missing or not current."""
+    (+ fallback) written to ``path`` unless a current one is there. ``build=False`` (tables only): None when it
+    is missing or not current."""
     if src.source == "manifest":
         if not path.is_file():
             if not build:

@@ -134,7 +134,8 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
     for task in cfg.tasks:
         metrics = MAIN_METRICS[task.kind]
         lines += [f"## {task.label}", "",
-                  "| arm | mask grid | mask ratio (realised: all / ROI / bg) | ROI precision / recall | pretrain s | n | "
+                  "| arm | mask grid | mask ratio (realised: all / ROI / bg) | ROI precision / recall "
+                  "| pretrain s | n | "
                   + " | ".join(metrics) + (f" | Δ {metrics[0]} vs {base}" if base else "") + " |",
                   "|---|---|---|---|---|---|" + "---|" * len(metrics) + ("---|" if base else "")]
         for arm in cfg.arms:
