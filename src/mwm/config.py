@@ -22,6 +22,19 @@ class ConfigError(MWMError):
     """A config file or override that does not validate."""
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}, "c": 2}`` → ``{"a.b": 1, "c": 2}``: nested config dicts as dotted keys (how configs are
+    compared when resuming a run or reusing a bench part). Empty sub-dicts contribute no key."""
+    out: dict = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def parse_shard(spec: str) -> tuple[int, int]:
     """``"1/4"`` → (1, 4): shard i of n (0-based) of a job split over n processes; ``ValueError`` otherwise."""
     try:

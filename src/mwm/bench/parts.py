@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from ..config import flatten
 from ..io import atomic_write_text, file_sha256
 
 __all__ = ["PART_FILE", "PRETRAIN_IGNORED", "TASK_IGNORED", "Part", "PartStore", "identity_hash",
@@ -118,18 +119,9 @@ class Part:
         return identity_hash(self.identity)
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def config_diff(old: dict, new: dict, limit: int = 3) -> str:
     """``"masking.ratio 0.6 → 0.25, epochs 1 → 2"``: the first ``limit`` settings that differ."""
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     keys = [k for k in sorted(a.keys() | b.keys()) if k != "part" and a.get(k, "—") != b.get(k, "—")]
 
     def short(v: Any) -> str:
@@ -167,7 +159,7 @@ def same_settings(stored: dict | None, current: dict, config: Any) -> bool:
     current value is their default in ``config`` (options added to mwm since the part was made)."""
     if not isinstance(stored, dict) or config is None:
         return False
-    a, b = _flat(stored), _flat(current)
+    a, b = flatten(stored), flatten(current)
     for k in a.keys() | b.keys():
         if k in a and k in b:
             if a[k] != b[k]:

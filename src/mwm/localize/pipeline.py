@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import __version__
-from ..config import atomic_write_text, parse_shard
+from ..config import atomic_write_text, flatten, parse_shard
 from ..io import live_locks
 from ..data import ReadOptions, open_source
 from ..data.transforms import Fit, to_tensor
@@ -219,23 +219,13 @@ def run_settings(cfg: LocalizeConfig, ids: list[str], prompts_bytes: bytes | Non
     return d
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def settings_diff(old: dict, new: dict) -> list[str]:
     """``["vlm: 'a' there, 'b' now", …]`` for every setting (dotted, e.g. ``m2ib.steps``) that differs.
 
     Only settings both record are compared: a setting added to (or removed from) a later mwm must not stop
     every older folder from resuming.
     """
-    fo, fn = _flat(old), _flat(new)
+    fo, fn = flatten(old), flatten(new)
     return [f"{k}: {fo[k]!r} there, {fn[k]!r} now" for k in sorted(fo.keys() & fn.keys()) if fo[k] != fn[k]]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import flatten
 from ..errors import MWMError
 from ..io import atomic_path
 from .config import RESUME_MAY_CHANGE, PretrainConfig
@@ -135,23 +136,12 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def check_resumable(saved: dict, cfg: PretrainConfig, path: Path) -> None:
     """Raise :class:`MWMError` naming every option that differs from the checkpoint's config in a way that would
     make the continuation a different run (anything outside :data:`RESUME_MAY_CHANGE`); warn when ``epochs``
     changed (the cosine schedule is recomputed for the new length)."""
-    now = _flatten(cfg.model_dump(mode="json"))
-    before = _flatten(saved)
+    now = flatten(cfg.model_dump(mode="json"))
+    before = flatten(saved)
     diff = sorted(k for k in set(now) | set(before)
                   if k.split(".")[0] not in RESUME_MAY_CHANGE and now.get(k) != before.get(k))
     if diff:
