@@ -16,6 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MWM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def tiny_pretrain_run(data, out, mask_stride: int = 8):
+    """A one-step resnet18 @ 64 px pretraining run on 4 images (random masking at 0.6) into ``out``: a real run
+    folder (checkpoint with decoder, encoder.json) for tests of what reads runs."""
+    from mwm.train import PretrainConfig, pretrain
+
+    pretrain(PretrainConfig(data=data, out=out, model={"arch": "resnet18", "size": 64, "mask_stride": mask_stride},
+                            accelerator="cpu", workers=0, batch_size=4, limit=4, epochs=1, warmup_epochs=0,
+                            recon_images=0, masking={"strategy": "random", "ratio": 0.6}))
+    return out
+
+
 def one_thread():
     """Fixture body: torch on 1 thread, restored after. Tiny tensors on a shared 2-core machine: OpenMP barrier
     waits cost more than the work. Each test package wraps it with the scope it needs, e.g.

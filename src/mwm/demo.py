@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import save_config
 
@@ -39,12 +39,27 @@ class DemoConfig(BaseModel):
     vlm_epochs: int = Field(default=6, ge=1)
     vlm_size: int = Field(default=64, ge=32, description="the CLIP's input side (phantoms are resized)")
     arch: str = "resnet18"
-    pretrain_epochs: int = Field(default=3, ge=1)
+    pretrain_epochs: int = Field(default=6, ge=1)
     pretrain_batch: int = Field(default=32, ge=2)
+    mask_grid: int = Field(default=8, ge=1, description="mask cells per side (the evidence protocol's 8 x 8; "
+                           "mask stride = size / mask_grid)")
     noise_copies: int = Field(default=5, ge=1, description="M2IB noisy copies (MWM uses 10; halved for time)")
-    ratio_random: float = 0.6
-    ratio_in: float = 0.8
-    ratio_out: float = 0.2
+    ratio_random: float = Field(default=0.6, description="random masking's ratio (the baseline)")
+    ratio: float = Field(default=0.4, description="MWM's overall ratio (roi_overall: the paper's headline 0.4)")
+    ratio_in: float = Field(default=0.8, description="MWM's ratio inside the ROI, where the ROI's size allows")
+
+    @model_validator(mode="after")
+    def _grid(self) -> "DemoConfig":
+        if self.size % self.mask_grid:
+            raise ValueError(f"size {self.size} is not a multiple of mask_grid {self.mask_grid}")
+        from .mim.encoder import check_mask_stride
+
+        check_mask_stride(self.mask_stride, 32, self.arch)  # fail before the first stage, not at pretraining
+        return self
+
+    @property
+    def mask_stride(self) -> int:
+        return self.size // self.mask_grid
 
 
 @dataclass
@@ -113,12 +128,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
                      f"{es['random_recall']:.2f})")
 
     arms = {"random": {"strategy": "random", "ratio": cfg.ratio_random},
-            "mwm": {"strategy": "roi", "ratio_in": cfg.ratio_in, "ratio_out": cfg.ratio_out,
-                    "ratio": cfg.ratio_random}}
+            "mwm": {"strategy": "roi_overall", "ratio": cfg.ratio, "ratio_in": cfg.ratio_in}}
     runs = {}
     for name, masking in arms.items():
         guided = masking["strategy"] != "random"
-        pc = PretrainConfig(data=ph_path, out=out / "pretrain" / name, model={"arch": cfg.arch, "size": cfg.size},
+        pc = PretrainConfig(data=ph_path, out=out / "pretrain" / name, model={"arch": cfg.arch, "size": cfg.size,
+                                                                      "mask_stride": cfg.mask_stride},
                             masking=masking, rois=loc_dir / "rois.jsonl" if guided else None,
                             allow_missing_rois=guided, epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch,
                             warmup_epochs=1,
@@ -166,8 +181,8 @@ def _report(cfg: DemoConfig, out: Path, ph, vm: dict, ls: dict, es: dict, runs: 
              else [] for i in pick]
     masks_png = save_png(mask_examples(ph.images[pick][:, None], boxes,
                                        {"random": {"strategy": "random", "ratio": cfg.ratio_random},
-                                        "mwm": {"strategy": "roi", "ratio_in": cfg.ratio_in,
-                                                "ratio_out": cfg.ratio_out}}, stride=32, seed=cfg.seed),
+                                        "mwm": {"strategy": "roi_overall", "ratio": cfg.ratio,
+                                                "ratio_in": cfg.ratio_in}}, stride=cfg.mask_stride, seed=cfg.seed),
                          out / "mask_examples.png")
     curves = loss_curves({k: Path(v["metrics"]) for k, v in runs.items()}, out / "loss_curves.png")
     recon = [(Path(v["recon"][-1]), f"{k}: input with ROI box · masked input · reconstruction (last epoch)")
@@ -177,7 +192,7 @@ def _report(cfg: DemoConfig, out: Path, ph, vm: dict, ls: dict, es: dict, runs: 
         r = runs.get(name, {})
         rs = (r.get("roi_stats") or {})
         return [name, "random init" if name == "scratch" else
-                ("random" if name == "random" else f"roi {cfg.ratio_in}/{cfg.ratio_out}"),
+                (f"random {cfg.ratio_random}" if name == "random" else f"MWM {cfg.ratio} overall (ROI {cfg.ratio_in})"),
                 r.get("final_loss"), p["accuracy"], p["balanced_accuracy"], p["macro_f1"], p["auroc"],
                 rs.get("with_roi") if name == "mwm" else None]
 
@@ -191,9 +206,10 @@ def _report(cfg: DemoConfig, out: Path, ph, vm: dict, ls: dict, es: dict, runs: 
             f"{es['random_recall']:.2f}. Each row: scan · saliency · binary mask · final box."],
             figures=[(p, p.stem) for p in gallery], links=[(str(out / "localize" / "index.html"), "full gallery")]),
         Section("2 · Masking", [
-            f"The same training scans masked by random masking at {cfg.ratio_random} and by MWM at "
-            f"{cfg.ratio_in} inside the ROI / {cfg.ratio_out} outside, on {cfg.arch}'s {cfg.size // 32}×{cfg.size // 32} "
-            "patch grid (gray = hidden from the encoder). Images without an ROI are masked uniformly."],
+            f"The same training scans masked by random masking at {cfg.ratio_random} and by MWM at {cfg.ratio} overall "
+            f"({cfg.ratio_in} inside the ROI where its size allows), on a {cfg.mask_grid}×{cfg.mask_grid} mask grid "
+            f"({cfg.mask_stride}-px cells; gray = hidden from the encoder). Images without an ROI are masked "
+            "uniformly."],
             figures=[(masks_png, "scan with ROI · random · MWM")]),
         Section("3 · Pretraining", [f"SparK-style sparse {cfg.arch}, {cfg.pretrain_epochs} epochs per arm."],
                 figures=([(curves, "masked-patch loss per step")] if curves else []) + recon),

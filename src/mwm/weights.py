@@ -16,7 +16,6 @@ value (``none`` | ``imagenet`` | a file or run folder) into checked weights with
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,9 +87,11 @@ def resolve_weights(weights: str | Path, arch: str | None = None, option: str = 
     if not path.is_file():
         raise MWMError(f"{option} {weights}: no weights there; pass the encoder.pth (or the run folder) that "
                        f"`mwm pretrain --out RUN` wrote, a timm checkpoint file (.pth / .safetensors), {hint}")
+    from .engine.card import EncoderCard
+
     meta_file = path.with_name("encoder.json")
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    saved_arch = meta.get("arch")
+    card = EncoderCard.beside(path)
+    saved_arch = card.arch
     if saved_arch and arch and saved_arch != arch:
         raise MWMError(f"{path} holds a '{saved_arch}' encoder (see {meta_file.name}) but --arch is '{arch}'; "
                        f"pass --arch {saved_arch}, or weights of a '{arch}'")
@@ -98,13 +99,9 @@ def resolve_weights(weights: str | Path, arch: str | None = None, option: str = 
     if not arch:
         raise MWMError(f"{path}: no encoder.json beside it to say the architecture; pass --arch")
     sd = read_state_dict(path)
-    if "normalize" in meta and meta["normalize"] is None:
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # pretrained on raw [0, 1] inputs: feed them the same way
-    else:
-        norm = meta.get("normalize") or {}
-        mean, std = tuple(norm.get("mean", IMAGENET_MEAN)), tuple(norm.get("std", IMAGENET_STD))
-    return BackboneSpec(arch=arch, kwargs=dict(meta.get("timm_kwargs") or {}), state_dict=sd, mean=mean, std=std,
-                        source=str(path), size=meta.get("size"))
+    mean, std = card.input_stats()  # normalize null: pretrained on raw [0, 1] inputs, fed the same way
+    return BackboneSpec(arch=arch, kwargs=dict(card.timm_kwargs or {}), state_dict=sd, mean=mean, std=std,
+                        source=str(path), size=card.size)
 
 
 def create_backbone(spec: BackboneSpec, **timm_overrides) -> nn.Module:

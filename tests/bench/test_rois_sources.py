@@ -41,7 +41,7 @@ def test_bench_config_takes_perturb_seed_and_foreground(phantoms_npz, tmp_path):
     ({"source": "gt-boxes", "perturb": {"precision": 0.3, "recall": 0.9}, "box_mode": "per_component"},
      "use box_mode 'union'"),
     ({"source": "gt-boxes", "perturb": {"precision": 0.3, "recall": 0.9, "shift": 2}}, r"perturb\.shift"),
-    ({"source": "foreground", "kind": "liver"}, "'lungs' or 'body'"),
+    ({"source": "foreground", "kind": "liver"}, "'lungs', 'body' or 'brain'"),
 ])
 def test_bad_roi_sources_fail_at_load(phantoms_npz, tmp_path, rois, match):
     raw = _raw(phantoms_npz, tmp_path)

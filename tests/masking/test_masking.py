@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mwm.masking import (STRATEGIES, MaskingConfig, boxes_tensor, create_masker, n_keep, random_keep,
+from mwm.masking import (NEEDS_SALIENCY, STRATEGIES, MaskingConfig, boxes_tensor, create_masker, n_keep, random_keep,
                          ratios_for_overall, roi_coverage, soft_keep, topk_keep, two_region_keep)
 
 grids = st.sampled_from([(2, 2), (4, 4), (7, 7), (3, 5), (8, 8), (14, 14), (16, 16)])  # 8 × 8: --mask-stride 8
@@ -166,8 +166,15 @@ def box_batches(draw):
     return out
 
 
+BUILTIN = ("random", "roi", "roi_overall", "soft", "topk", "saliency_soft", "saliency_topk")
+
+
+def test_builtin_strategies_registered():
+    assert set(BUILTIN) <= set(STRATEGIES)
+
+
 @settings(max_examples=40, deadline=None)
-@given(boxes=box_batches(), grid=st.sampled_from([(8, 8), (16, 16)]), strategy=st.sampled_from(sorted(STRATEGIES)),
+@given(boxes=box_batches(), grid=st.sampled_from([(8, 8), (16, 16)]), strategy=st.sampled_from(BUILTIN),
        ratio=st.floats(0.1, 0.9), seed=st.integers(0, 10**6))
 def test_every_strategy_at_fine_grids(boxes, grid, strategy, ratio, seed):
     """Every registered strategy at the fine grids of ``--mask-stride`` (8 × 8 at 64 px, 16 × 16 at 128 px): the
@@ -175,7 +182,8 @@ def test_every_strategy_at_fine_grids(boxes, grid, strategy, ratio, seed):
     keep round(N·(1 − ratio)) patches in every image, and MWM's two-level masker is exact per region."""
     bt, valid = boxes_tensor(boxes)
     cfg = MaskingConfig(strategy=strategy, ratio=ratio, ratio_in=0.8, ratio_out=0.2)
-    keep, stats = create_masker(cfg)(len(boxes), grid, boxes=bt, valid=valid, generator=gen(seed))
+    extra = {"importance": torch.rand(len(boxes), *grid, generator=gen(seed))} if strategy in NEEDS_SALIENCY else {}
+    keep, stats = create_masker(cfg)(len(boxes), grid, boxes=bt, valid=valid, generator=gen(seed), **extra)
     assert keep.shape == (len(boxes), 1, *grid) and keep.dtype == torch.bool
     N = grid[0] * grid[1]
     cov = roi_coverage(bt, valid, grid)

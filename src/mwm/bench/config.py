@@ -41,35 +41,85 @@ TASK_KINDS = ("linear", "full", "segment", "detect")
 class RoiSourceConfig(BaseModel):
     """Where guided arms get their ROIs: ``gt-boxes`` (expanded boxes around the ground-truth masks — an oracle
     upper bound; with ``perturb`` degraded to a target occlusion precision/recall or moved to random places),
-    ``foreground`` (classical lung-field / body boxes, ``kind``; no masks or prompts needed), ``manifest`` (a
+    ``foreground`` (classical lung-field / body / brain boxes, ``kind``; no masks or prompts needed),
+    ``reconstruction-error`` (where the pretraining run ``run`` reconstructs worst; no masks or prompts),
+    ``generic-prompt`` (``mwm localize`` with the VLM ``vlm`` and a target-agnostic ``prompt``), ``manifest`` (a
     ``rois.jsonl`` from ``mwm localize`` at ``path``) or ``none``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["none", "gt-boxes", "foreground", "manifest"] = "none"
+    source: Literal["none", "gt-boxes", "foreground", "reconstruction-error", "generic-prompt", "manifest"] = "none"
     path: Path | None = None
-    expand: float = Field(default=0.1, ge=0, description="gt-boxes / foreground: margin as a fraction of the box "
-                          "size")
+    expand: float = Field(default=0.1, ge=0, description="gt-boxes / foreground / reconstruction-error: margin as a "
+                          "fraction of the box size")
     box_mode: Literal["union", "per_component"] = "union"
-    fallback: Path | None = Field(default=None, description="gt-boxes / foreground: a rois.jsonl from `mwm localize` "
-                                  "whose ROIs serve the images without a box")
+    fallback: Path | None = Field(default=None, description="gt-boxes / foreground / reconstruction-error: a "
+                                  "rois.jsonl from `mwm localize` whose ROIs serve the images without a box")
     perturb: PerturbConfig | None = Field(default=None, description="gt-boxes: degrade the boxes, e.g. {precision: "
                                           "0.3, recall: 0.9} or {place: random}")
-    seed: int = Field(default=0, ge=0, description="perturb: seed of the draws (with each image id)")
-    kind: Literal["lungs", "body"] = Field(default="lungs", description="foreground: lung fields or the body/head")
+    seed: int = Field(default=0, ge=0, description="perturb / reconstruction-error: seed of the draws (with each "
+                      "image id)")
+    kind: Literal["lungs", "body", "brain"] = Field(default="lungs", description="foreground: lung fields, the "
+                                                    "body/head, or the brain inside the skull")
+    # reconstruction-error
+    run: Path | None = Field(default=None, description="reconstruction-error: a `mwm pretrain` run folder (its "
+                             "checkpoints/last.pt; part of the identity by content hash)")
+    masks: int = Field(default=8, ge=1, description="reconstruction-error: random masks per image")
+    ratio: float = Field(default=0.6, gt=0, lt=1, description="reconstruction-error: mask ratio of each mask")
+    level: Literal["patch", "pixel"] = "patch"
+    binarize: Literal["otsu", "kmeans", "quantile"] = "quantile"
+    quantile: float = Field(default=0.9, gt=0, lt=1, description="reconstruction-error with binarize quantile: "
+                            "keep the hardest 1 − quantile of each image's pixels")
+    components: int = Field(default=1, ge=1, description="reconstruction-error: the k largest high-error regions")
+    # generic-prompt
+    vlm: str | None = Field(default=None, description="generic-prompt: the VLM (a `mwm vlm` folder or hub name)")
+    prompt: str = Field(default="an abnormality", min_length=1, description="generic-prompt: the target-agnostic "
+                        "prompt")
+    split: str | None = Field(default=None, description="generic-prompt / reconstruction-error: only this split "
+                              "(e.g. train, what pretraining reads); default every image")
+    options: dict[str, Any] = Field(default_factory=dict, description="generic-prompt: more `mwm localize` "
+                                    "settings (LocalizeConfig keys, e.g. {m2ib: {layer: 4}, binarize: threshold})")
 
     @model_validator(mode="after")
     def _path(self) -> "RoiSourceConfig":
         if self.source == "manifest" and self.path is None:
             raise ValueError("rois.source 'manifest' needs rois.path (the rois.jsonl `mwm localize` wrote)")
-        if self.fallback is not None and self.source not in ("gt-boxes", "foreground"):
-            raise ValueError("rois.fallback fills images without a box and needs rois.source 'gt-boxes' or "
-                             "'foreground'")
+        if self.source == "reconstruction-error" and self.run is None:
+            raise ValueError("rois.source 'reconstruction-error' needs rois.run (a `mwm pretrain` run folder, e.g. a "
+                             "few epochs of random masking on the same data)")
+        if self.source == "generic-prompt" and self.vlm is None:
+            raise ValueError("rois.source 'generic-prompt' needs rois.vlm (a `mwm vlm train`/`export` folder or a "
+                             "hub name)")
+        if self.fallback is not None and self.source not in ("gt-boxes", "foreground", "reconstruction-error"):
+            raise ValueError("rois.fallback fills images without a box and needs rois.source 'gt-boxes', "
+                             "'foreground' or 'reconstruction-error'")
         if self.perturb is not None and self.source != "gt-boxes":
             raise ValueError("rois.perturb degrades ground-truth boxes and needs rois.source 'gt-boxes'")
         if self.perturb is not None and self.perturb.has_targets and self.box_mode != "union":
             raise ValueError("rois.perturb with precision/recall makes one box per image; use box_mode 'union'")
+        if self.options and self.source != "generic-prompt":
+            raise ValueError("rois.options are `mwm localize` settings and need rois.source 'generic-prompt'")
+        if self.source == "generic-prompt":
+            self.localize_config(Path("."), Path("."))  # unknown or invalid localize keys fail with the bench file
         return self
+
+    def localize_config(self, data: Path, out: Path):
+        """generic-prompt: the ``LocalizeConfig`` this source runs (``options`` over the source's own keys)."""
+        from pydantic import ValidationError
+
+        from ..localize.pipeline import LocalizeConfig
+
+        own = {"data", "out", "vlm", "prompt", "split"}
+        clash = sorted(own & set(self.options))
+        if clash:
+            raise ValueError(f"rois.options must not set {clash}: give them as rois.vlm / rois.prompt / rois.split "
+                             "(data and out are the bench's)")
+        try:
+            return LocalizeConfig.model_validate({**self.options, "data": data, "out": out, "vlm": self.vlm,
+                                                  "prompt": self.prompt, "split": self.split})
+        except ValidationError as e:
+            bad = "; ".join(f"options.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"rois (generic-prompt): {bad}") from None
 
 
 def _check_seeds(v: list[int]) -> list[int]:
@@ -161,13 +211,19 @@ class BenchConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "BenchConfig":
-        from ..masking import NEEDS_ROI
+        from ..masking import strategy_requires
 
-        guided = [a.name for a in self.arms if a.pretrain and a.strategy in NEEDS_ROI
+        # boxes, or the saliency maps a manifest's records name
+        guided = [a.name for a in self.arms if a.pretrain and strategy_requires(a.strategy) & {"boxes", "saliency"}
                   and (a.rois or self.rois).source == "none"]
         if guided:
             raise ValueError(f"arms {guided} need ROIs: set rois.source (of the bench or the arm) to gt-boxes, "
-                             "foreground or manifest")
+                             "foreground, reconstruction-error, generic-prompt or manifest")
+        mapless = [a.name for a in self.arms if a.pretrain and "saliency" in strategy_requires(a.strategy)
+                   and (a.rois or self.rois).source != "manifest"]
+        if mapless:
+            raise ValueError(f"arms {mapless} mask by saliency maps: give them rois: {{source: manifest, path: "
+                             "LOC/rois.jsonl}} from `mwm localize --save-saliency` (boxes carry no maps)")
         names = [a.name for a in self.arms]
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline '{self.baseline}' is not an arm; arms are {names}")

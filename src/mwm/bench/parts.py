@@ -32,7 +32,7 @@ from ..config import flatten
 from ..io import atomic_write_text, file_sha256
 
 __all__ = ["PART_FILE", "PRETRAIN_IGNORED", "TASK_IGNORED", "Part", "PartStore", "identity_hash",
-           "pretrain_identity", "task_identity", "rois_identity"]
+           "pretrain_identity", "task_identity", "rois_identity", "vlm_identity"]
 
 PART_FILE = "bench_part.json"
 
@@ -64,12 +64,25 @@ def identity_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def pretrain_identity(pc: Any, rois_sha: str | None) -> dict:
+def pretrain_identity(pc: Any, rois_sha: str | None, saliency_sha: str | None = None) -> dict:
     """A PretrainConfig's identity: its resolved fields minus :data:`PRETRAIN_IGNORED`, the ROI manifest by
-    content (``rois_sha``: SHA-256 of the manifest it trains on, None without ROIs)."""
+    content (``rois_sha``: SHA-256 of the manifest it trains on, None without ROIs) and, for the saliency
+    strategies, its maps (``saliency_sha``: :func:`saliency_identity`)."""
     d = pc.model_dump(mode="json", exclude=set(PRETRAIN_IGNORED))
     d["rois"] = None if pc.rois is None else {"sha256": rois_sha}
+    if saliency_sha is not None:
+        d["rois"]["saliency_sha256"] = saliency_sha
     return {"part": "pretrain", **d}
+
+
+def saliency_identity(manifest: Path) -> str:
+    """The saliency maps a ``mwm localize --save-saliency`` manifest names, by content, with the ``--resize`` policy
+    they were drawn with: maps edited or re-localized in place retire the arms trained on them."""
+    from ..train.data import _localize_resize
+
+    folder = Path(manifest).parent / "saliency"
+    maps = _folder_sha256(folder) if folder.is_dir() else "none"
+    return hashlib.sha256(f"{maps}\0{_localize_resize(manifest)}".encode()).hexdigest()
 
 
 def task_identity(kind: str, tc: Any, encoder_sha: str | None) -> dict:
@@ -80,17 +93,55 @@ def task_identity(kind: str, tc: Any, encoder_sha: str | None) -> dict:
     return _revised({"part": f"task:{kind}", **d}, "task")
 
 
+def _folder_sha256(path: Path) -> str:
+    """One hash over a folder's files (relative names + contents), e.g. a VLM export's weights and configs."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + file_sha256(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def vlm_identity(vlm: str) -> dict | str:
+    """A local VLM folder (or file) by content; a hub name as given (it names fixed weights)."""
+    p = Path(vlm).expanduser()
+    if p.is_dir():
+        return {"sha256": _folder_sha256(p)}
+    if p.is_file():
+        return {"sha256": file_sha256(p)}
+    return vlm
+
+
 def rois_identity(data: Path, source: Any) -> dict:
-    """A gt-boxes / foreground manifest's identity: the data, expansion and box mode, the fallback manifest by
-    content; ``perturb`` and its ``seed`` (gt-boxes), ``kind`` (foreground). Settings that cannot change the
-    manifest (the seed without perturb, the kind of gt-boxes) are left out, so changing them rebuilds nothing."""
+    """An ROI manifest's identity: the data, expansion and box mode, the fallback manifest by content; ``perturb``
+    and its ``seed`` (gt-boxes), ``kind`` (foreground); the run's weights by content hash and the scoring options
+    (reconstruction-error); the VLM by content, the prompt and the localize options (generic-prompt); ``split``
+    when set. Settings that cannot change the manifest (the seed without perturb, the kind of gt-boxes) are left
+    out, so changing them rebuilds nothing."""
+    src = source.source
     fb = source.fallback
-    ident = {"part": "rois", "source": source.source, "data": str(data), "expand": source.expand,
+    if src == "generic-prompt":
+        from ..localize.pipeline import RUN_ONLY_FIELDS
+
+        lc = source.localize_config(Path(data), Path("."))
+        # limit stays in: it changes which images have an ROI
+        opts = lc.model_dump(mode="json", exclude={"data", "vlm", "prompt", "split", *(RUN_ONLY_FIELDS - {"limit"})})
+        return {"part": "rois", "source": src, "data": str(data), "vlm": vlm_identity(source.vlm),
+                "prompt": source.prompt, "split": source.split, "options": opts}
+    ident = {"part": "rois", "source": src, "data": str(data), "expand": source.expand,
              "box_mode": source.box_mode, "fallback": None if fb is None else {"sha256": file_sha256(fb)}}
     perturb = getattr(source, "perturb", None)
     ident["perturb"] = None if perturb is None else {**perturb.model_dump(mode="json"), "seed": source.seed}
-    if source.source == "foreground":
+    if src == "foreground":
         ident["kind"] = source.kind
+    if src == "reconstruction-error":
+        from ..localize.recon_error import run_sha256
+
+        ident.update(run={"sha256": run_sha256(source.run)}, seed=source.seed,
+                     **{k: getattr(source, k) for k in ("masks", "ratio", "level", "binarize", "components")})
+        if source.binarize == "quantile":
+            ident["quantile"] = source.quantile
+    if getattr(source, "split", None) is not None:
+        ident["split"] = source.split
     return ident
 
 

@@ -6,6 +6,7 @@ Layout under ``OUT``::
     .mwm.lock                     held for the whole run (a second bench into OUT fails naming the holder)
     rois.jsonl                    gt-boxes / foreground manifest (when rois.source is one) + rois.bench_part.json
     rois-<arm>.jsonl              an arm's own gt-boxes / foreground manifest (when the arm sets rois)
+    rois/<hash12>/rois.jsonl      a generic-prompt source's `mwm localize` folder (one per VLM, prompt, options)
     runs/<arm>/seed<k>/pretrain/  a `mwm pretrain` run folder (summary.json once finished)
     runs/<arm>/seed<k>/<task>/    a transfer run folder (metrics.json once finished)
     stale/<part>-<hash8>/         parts made with another config, moved aside (never deleted)
@@ -39,7 +40,7 @@ from ..config import ConfigError, save_config
 from ..errors import MWMError
 from ..io import file_sha256
 from .config import ArmConfig, BenchConfig, RoiSourceConfig, TaskConfig
-from .parts import Part, PartStore, pretrain_identity, rois_identity, task_identity
+from .parts import Part, PartStore, identity_hash, pretrain_identity, rois_identity, saliency_identity, task_identity
 
 __all__ = ["run_bench", "check_bench", "pretrain_config", "task_config", "TASKS", "run_dir"]
 
@@ -73,6 +74,13 @@ def roi_sources(cfg: BenchConfig) -> dict[str, tuple[RoiSourceConfig, Path] | No
             out[arm.name] = None
         elif src.source == "manifest":
             out[arm.name] = (src, Path(src.path))
+        elif src.source == "reconstruction-error" and not (Path(src.run) / "checkpoints" / "last.pt").is_file():
+            raise MWMError(f"rois.run {src.run}: no checkpoints/last.pt; reconstruction-error needs a finished "
+                           "`mwm pretrain` run folder (a few epochs of random masking on the same data)")
+        elif src.source == "generic-prompt":
+            # one localize folder per identity (VLM content, prompt, options): resumable, never overwritten
+            h = identity_hash(rois_identity(cfg.data, src))[:12]
+            out[arm.name] = (src, cfg.out_dir / "rois" / h / "rois.jsonl")
         else:
             out[arm.name] = (src, cfg.out_dir / ("rois.jsonl" if arm.rois is None else f"rois-{arm.name}.jsonl"))
     return out
@@ -168,6 +176,8 @@ def _prepare_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: Par
                 return None
             raise MWMError(f"rois.path {path}: no such manifest; run `mwm localize` first")
         return path
+    if src.source == "generic-prompt":
+        return _prepare_prompt_rois(cfg, src, path, store, build)
     from ..localize.gt_rois import write_gt_rois
 
     if src.fallback is not None and not Path(src.fallback).is_file():
@@ -180,9 +190,49 @@ def _prepare_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: Par
         return path
     if not build:
         return None
+    recon = None
+    if src.source == "reconstruction-error":
+        recon = {"run": src.run, "masks": src.masks, "ratio": src.ratio, "level": src.level,
+                 "binarize": src.binarize, "quantile": src.quantile, "components": src.components,
+                 "device": _device(cfg.device)}
     write_gt_rois(cfg.data, path, expand=src.expand, box_mode=src.box_mode, fallback=src.fallback,
-                  source=src.source, perturb=src.perturb, seed=src.seed, kind=src.kind)
+                  source=src.source, perturb=src.perturb, seed=src.seed, kind=src.kind, split=src.split,
+                  recon=recon)
     store.write_record(part)
+    return path
+
+
+def _device(spec: str) -> str:
+    if spec != "auto":
+        return spec
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _prepare_prompt_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: PartStore,
+                         build: bool) -> Path | None:
+    """generic-prompt: ``mwm localize`` with ``src.vlm`` and ``src.prompt`` into ``path``'s folder (named by the
+    identity hash, so another VLM, prompt or option gets its own folder). A killed run resumes (localize skips the
+    images already in its manifest); ``summary.json`` marks it finished."""
+    from ..io import atomic_write_text
+    from ..localize.pipeline import localize
+
+    folder = path.parent
+    part = Part(f"ROI manifest {folder.name} (generic prompt {src.prompt!r})", folder, folder / "summary.json",
+                rois_identity(cfg.data, src), config=src)
+    state = store.check(part, retire=build)
+    if state == "done":
+        return path
+    if not build:
+        return None
+    store.write_record(part)
+    lc = src.localize_config(cfg.data, folder)
+    if cfg.device != "auto" and "device" not in src.options:
+        lc = lc.model_copy(update={"device": cfg.device})
+    store.log(f"localize with {src.prompt!r} ({src.vlm}) into {folder}")
+    summary = localize(lc, log=store.log)
+    atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1, default=str))
     return path
 
 
@@ -232,8 +282,11 @@ def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
         return None  # tables only, and the ROI manifest is missing or not current
     pc = pretrain_config(cfg, arm, seed, rois)
     out = Path(pc.out)
+    from ..masking import NEEDS_SALIENCY
+
+    maps = saliency_identity(Path(pc.rois)) if pc.rois is not None and arm.strategy in NEEDS_SALIENCY else None
     part = Part(f"pretrain {arm.name} seed {seed}", out, out / "summary.json",
-                pretrain_identity(pc, None if pc.rois is None else sha(Path(pc.rois))), config=pc)
+                pretrain_identity(pc, None if pc.rois is None else sha(Path(pc.rois)), maps), config=pc)
     state = store.check(part, retire=build, quiet=quiet)
     if state == "done":
         return json.loads(part.marker.read_text())

@@ -8,6 +8,7 @@ import typer
 
 from .. import __version__
 from . import data as data_cmds
+from . import prompts as prompts_cmds
 from . import vlm as vlm_cmds
 from .bench import bench
 from .demo import demo
@@ -16,6 +17,7 @@ from .finetune import finetune
 from .localize_eval import localize_eval
 from .localize import localize
 from .localize_tune import localize_tune
+from .localize_robustness import localize_robustness
 from .pretrain import pretrain
 from .segment import segment
 
@@ -24,10 +26,12 @@ app = typer.Typer(name="mwm", help="Guided masked image modeling for medical ima
                   rich_markup_mode=None)  # option help writes "[default: …]" literally; markup would eat it
 app.add_typer(data_cmds.app, name="data")
 app.add_typer(vlm_cmds.app, name="vlm")
+app.add_typer(prompts_cmds.app, name="prompts")
 app.command()(localize)
 app.command()(demo)
 app.command("localize-eval")(localize_eval)
 app.command("localize-tune")(localize_tune)
+app.command("localize-robustness")(localize_robustness)
 app.command()(pretrain)
 app.command()(finetune)
 app.command()(segment)

@@ -60,6 +60,21 @@ PrecisionOpt = Annotated[Optional[str], typer.Option(help="32-true, bf16-mixed o
 ResizeOpt = Annotated[Optional[str], typer.Option(help="pad, stretch or crop. [default: pad]")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")]
+# finetune and segment (detect names its ResNets and its own default size)
+TimmArchOpt = Annotated[Optional[str], typer.Option(help="timm name. [default: from encoder.json]")]
+InputSizeOpt = Annotated[Optional[int], typer.Option(help="Input side in pixels. [default: the encoder's pretraining "
+                                                          "size, else 64]")]
+
+
+def require_transfer_args(out, weights, config, outputs: str, need_weights: bool = True) -> None:
+    """The checks every transfer command makes before resolving its config: ``--out`` (``outputs`` says what goes
+    there) and, unless ``need_weights`` is false (detect defaults to random init), ``--weights`` — both may come
+    from ``--config`` instead."""
+    if out is None and not config:
+        raise MWMError(f"give --out DIR for {outputs}")
+    if need_weights and weights is None and not config:
+        raise MWMError("give --weights RUN/encoder.pth (from `mwm pretrain`), --weights none --arch ARCH (random "
+                       "init) or --weights timm --arch ARCH (ImageNet, online)")
 
 
 class TaskBars:

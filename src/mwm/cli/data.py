@@ -167,16 +167,33 @@ def phantoms(
 @handle_errors
 def gt_rois_cmd(
     source: Annotated[Path, typer.Argument(help="npz with masks (+ mask_valid; without it every mask is an annotation); "
-                                                "with --source foreground any readable data.")],
+                                                "with --source foreground / reconstruction-error any readable data.")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT.jsonl", help="ROI manifest to write.")],
     expand: Annotated[float, typer.Option(help="Box margin ratio per side (as mwm localize).")] = 0.1,
     box_mode: Annotated[str, typer.Option(help="union (one box) or per_component.")] = "union",
     fallback: Annotated[Optional[Path], typer.Option(
         help="rois.jsonl from `mwm localize` on the same data: its ROIs for the images without a box.")] = None,
-    roi_source: Annotated[str, typer.Option("--source", help="gt-boxes (around the masks) or foreground "
-                                            "(classical lung-field / body boxes, no masks needed).")] = "gt-boxes",
-    kind: Annotated[str, typer.Option(help="foreground: lungs (dark regions inside the body) or body "
-                                      "(largest bright component, e.g. the head).")] = "lungs",
+    roi_source: Annotated[str, typer.Option("--source", help="gt-boxes (around the masks), foreground (classical "
+                                            "lung-field / body / brain boxes) or reconstruction-error (where a "
+                                            "pretraining run reconstructs worst; needs --run).")] = "gt-boxes",
+    kind: Annotated[str, typer.Option(help="foreground: lungs (dark regions inside the body), body (largest bright "
+                                      "component, e.g. the head) or brain (inside the skull).")] = "lungs",
+    split: Annotated[Optional[str], typer.Option(help="Only this split (e.g. test); default: every image.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N images (after --split).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="reconstruction-error: a `mwm pretrain` run folder "
+                                                "(its checkpoints/last.pt holds the decoder too).")] = None,
+    masks: Annotated[int, typer.Option(help="reconstruction-error: random masks per image.")] = 8,
+    ratio: Annotated[float, typer.Option(help="reconstruction-error: mask ratio of each mask.")] = 0.6,
+    level: Annotated[str, typer.Option(
+        help="reconstruction-error: patch (the loss per mask cell) or pixel.")] = "patch",
+    binarize: Annotated[str, typer.Option(help="reconstruction-error: otsu, kmeans or quantile (the hardest "
+                                          "1 − --quantile of the pixels).")] = "quantile",
+    quantile: Annotated[float, typer.Option(help="reconstruction-error with --binarize quantile.")] = 0.9,
+    components: Annotated[int, typer.Option(help="reconstruction-error: keep the k largest high-error "
+                                            "components.")] = 1,
+    save_maps: Annotated[Optional[Path], typer.Option(help="reconstruction-error: also write the error maps "
+                                                      "(ids + float16 maps) to this .npz.")] = None,
+    device: Annotated[str, typer.Option(help="reconstruction-error: cpu, cuda, auto.")] = "cpu",
     precision: Annotated[Optional[float], typer.Option(
         help="perturb: target occlusion precision of each box (with --recall), e.g. 0.3.")] = None,
     recall: Annotated[Optional[float], typer.Option(
@@ -184,14 +201,16 @@ def gt_rois_cmd(
     place: Annotated[Optional[str], typer.Option(
         help="perturb: target (a box meeting --precision/--recall) or random (the same size at a random "
              "place; the gt box's size without --precision/--recall).")] = None,
-    seed: Annotated[int, typer.Option(help="perturb: seed of the draws (with each image id).")] = 0,
+    seed: Annotated[int, typer.Option(help="perturb / reconstruction-error: seed of the draws (with each image "
+                                      "id).")] = 0,
 ):
     """ROI manifest without a localizer: boxes around ground-truth masks (the gt-boxes oracle; e.g. lung-field boxes
     for pretraining), degraded ones (--precision/--recall, --place random), or classical foreground boxes.
 
     Examples: mwm data gt-rois ../shared/data/kermany_cxr.npz lung_rois.jsonl --expand 0.05;
     mwm data gt-rois ../shared/data/br35h.npz degraded.jsonl --precision 0.3 --recall 0.9 --seed 0;
-    mwm data gt-rois ../shared/data/chest_ct.npz ct_lungs.jsonl --source foreground --kind lungs
+    mwm data gt-rois ../shared/data/chest_ct.npz ct_lungs.jsonl --source foreground --kind lungs;
+    mwm data gt-rois ../shared/data/br35h.npz hard.jsonl --source reconstruction-error --run runs/pre --split test
     """
     from pydantic import ValidationError
 
@@ -206,9 +225,20 @@ def gt_rois_cmd(
         except ValidationError as e:
             raise ConfigError("--precision/--recall/--place: " + "; ".join(
                 err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+    recon = None
+    if roi_source == "reconstruction-error":
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        recon = {"run": run, "masks": masks, "ratio": ratio, "level": level, "binarize": binarize,
+                 "quantile": quantile, "components": components, "maps_out": save_maps, "device": device}
+    elif run is not None:
+        raise ConfigError("--run is for --source reconstruction-error")
     meta = write_gt_rois(source, out_path, expand, box_mode, fallback,  # type: ignore[arg-type]
-                         source=roi_source, perturb=perturb, seed=seed, kind=kind)  # type: ignore[arg-type]
-    n_own = meta.get("n_gt", meta.get("n_foreground"))
+                         source=roi_source, perturb=perturb, seed=seed, kind=kind,  # type: ignore[arg-type]
+                         split=split, limit=limit, recon=recon)
+    n_own = meta.get("n_gt", meta.get("n_foreground", meta.get("n_reconstruction")))
     more = f" ({n_own} from {meta['source']}, {meta['n_fallback']} from {fallback})" if fallback else ""
     console.print(f"wrote {out_path}: {meta['n_with_roi']} of {meta['n_images']} images with an ROI{more}",
                   highlight=False)

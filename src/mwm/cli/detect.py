@@ -9,7 +9,7 @@ import typer
 
 from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
-from .common import DeviceOpt, JsonOpt, QuietOpt, ResizeOpt, SeedOpt, TaskBars, run_with_bar
+from .common import DeviceOpt, JsonOpt, QuietOpt, ResizeOpt, SeedOpt, TaskBars, require_transfer_args, run_with_bar
 
 
 class _Bar(TaskBars):
@@ -77,7 +77,6 @@ def detect(
     from rich.table import Table
 
     from ..config import resolve
-    from ..errors import MWMError
     from ..transfer.detect import METRIC_KEYS, DetectConfig, detect as run
 
     opts = {"data": data, "out": out, "weights": weights, "arch": arch, "size": size, "epochs": epochs,
@@ -85,8 +84,8 @@ def detect(
             "train_limit": train_limit, "seed": seed, "device": device, "resize": resize,
             **read_option_values(window, window_center, window_width, axis, slice_start, slice_stop, skip_empty,
                                  labels, strict)}
-    if out is None and not config:
-        raise MWMError("give --out DIR for the results (metrics.json, examples.png, model.pth)")
+    require_transfer_args(out, weights, config, "the results (metrics.json, examples.png, model.pth)",
+                          need_weights=False)
     cfg = resolve(DetectConfig, config, set_, opts)
     m = run_with_bar(run, cfg, _Bar(enabled=not quiet), quiet_unreadable=False)
     table = Table(title=f"Mask R-CNN ({m['arch']}, {m['weights']}) on {m['n_test']} test images "

@@ -9,7 +9,8 @@ import typer
 
 from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
-from .common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, ResizeOpt, SeedOpt, TaskBars, WeightsOpt, run_with_bar
+from .common import (DeviceOpt, InputSizeOpt, JsonOpt, PrecisionOpt, QuietOpt, ResizeOpt, SeedOpt, TaskBars,
+                     TimmArchOpt, WeightsOpt, require_transfer_args, run_with_bar)
 
 
 class _Bar(TaskBars):
@@ -73,9 +74,8 @@ def finetune(
                                                      "full (everything trained). [default: linear]")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder: metrics.json, config.yaml, history.csv, "
                                                      "model.pth, features.npz (linear).")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="timm name. [default: from encoder.json]")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Input side in pixels. [default: the encoder's pretraining "
-                                                     "size, else 64]")] = None,
+    arch: TimmArchOpt = None,
+    size: InputSizeOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="full: epochs [30]; linear: L-BFGS iterations [300].")] = None,
     lr: Annotated[Optional[float], typer.Option(help="full: peak lr, the head's (layer decay below) [1e-3]; "
                                                      "linear: L-BFGS step length [1]")] = None,
@@ -111,7 +111,6 @@ def finetune(
     import json
 
     from ..config import resolve
-    from ..errors import MWMError
     from ..transfer.classify import FinetuneConfig, finetune as run
 
     opts = {"data": data, "weights": weights, "mode": mode, "out": out, "arch": arch, "size": size, "epochs": epochs,
@@ -120,11 +119,7 @@ def finetune(
             "train_limit": train_limit, "seed": seed, "device": device, "precision": precision, "resize": resize,
             **read_option_values(window, window_center, window_width, axis, slice_start, slice_stop, skip_empty,
                                  labels, strict)}
-    if out is None and not config:
-        raise MWMError("give --out DIR for the metrics and the model")
-    if weights is None and not config:
-        raise MWMError("give --weights RUN/encoder.pth (from `mwm pretrain`), --weights none --arch ARCH (random "
-                       "init) or --weights timm --arch ARCH (ImageNet, online)")
+    require_transfer_args(out, weights, config, "the metrics and the model")
     cfg = resolve(FinetuneConfig, config, set_, opts)
     m = run_with_bar(run, cfg, _Bar(enabled=not quiet))
     _report(m)

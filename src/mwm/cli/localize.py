@@ -14,10 +14,12 @@ from .common import (Axis, ConfigOpt, count_bar, Labels, SetOpt, SkipEmpty, Slic
 @handle_errors
 def localize(
     data: Annotated[Path, typer.Argument(help="Scans: folder, .npz, .csv or a single file.")],
-    prompt: Annotated[Optional[str], typer.Option(help="What to localize, e.g. 'brain tumor'.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="What to localize, e.g. 'brain tumor'; 'a;b;c' is an ensemble of three prompts (their saliency maps combined by --ensemble).")] = None,
     vlm: Annotated[Optional[str], typer.Option(help="open_clip hub name (hf-hub:…), built-in name, or local VLM directory.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (rois.jsonl, meta.json, index.html).")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(help="JSON {image id or class name: prompt}.")] = None,
+    prompt_family: Annotated[Optional[str], typer.Option(help="A prompt-library family as an ensemble: MODALITY/TARGET[:KIND], KIND short|synonyms|lay|descriptions|all (e.g. brain-mri/tumour:descriptions). [default kind: all]")] = None,
+    ensemble: Annotated[Optional[str], typer.Option(help="Combine an ensemble's saliency maps pixel-wise by mean or median (before binarization). [default: mean]")] = None,
     vlm_pretrained: Annotated[Optional[str], typer.Option(help="Weights tag/file for a built-in open_clip name.")] = None,
     layer: Annotated[Optional[int], typer.Option(help="M2IB: bottleneck after this vision block (0-based). [default: 7 of 12 blocks, scaled to the tower]")] = None,
     beta: Annotated[Optional[float], typer.Option(help="M2IB β. [default: 0.1]")] = None,
@@ -53,12 +55,16 @@ def localize(
     Re-running with the same settings resumes (images already in the manifest are skipped); other
     settings are an error naming what differs, unless --overwrite.
 
+    A prompt "a;b;c" (or --prompt-family MODALITY/TARGET[:KIND]) is an ensemble: the saliency maps of its prompts,
+    computed in one batched pass, are combined pixel-wise (--ensemble mean|median) before binarization.
+
     Example: mwm localize scans/ --prompt "brain tumor" --vlm ./biomedclip --out rois/
     """
     from ..config import resolve
     from ..localize.pipeline import LocalizeConfig, localize as run
 
-    opts = {"data": data, "out": out, "prompt": prompt, "prompts_file": prompts_file, "vlm": vlm,
+    opts = {"data": data, "out": out, "prompt": prompt, "prompts_file": prompts_file, "prompt_family": prompt_family,
+            "ensemble": ensemble, "vlm": vlm,
             "vlm_pretrained": vlm_pretrained, "m2ib.layer": layer, "m2ib.beta": beta, "m2ib.steps": steps,
             "m2ib.noise_copies": noise_copies, "m2ib.feature_norm": feature_norm, "m2ib.seed": seed,
             "binarize": binarize, "threshold": threshold, "components": components, "box_mode": box_mode,

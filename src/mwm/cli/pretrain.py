@@ -30,6 +30,11 @@ class _Bar(TaskBars):
                 s = info["roi_stats"]
                 console.print(f"ROIs: {s['with_roi']} images with a box ({s.get('share', 0):.0%}), {s['without_roi']} "
                               f"without, {s['missing']} not in the manifest", highlight=False)
+            if info.get("saliency_stats"):
+                s = info["saliency_stats"]
+                console.print(f"saliency maps: {s['with_saliency']} images with a map ({s['share']:.0%}), "
+                              f"{s['without_saliency']} without, {s['missing']} not in the manifest (masked "
+                              "uniformly)", highlight=False)
             if info.get("init"):
                 i = info["init"]
                 console.print(f"init: {i['source']} (sha256 {i['sha256'][:12]}…, {i['tensors']} tensors"
@@ -60,7 +65,9 @@ def pretrain(
     data: Annotated[Path, typer.Argument(help="Scans: folder, .npz, .csv or a single file.")],
     out: Annotated[Optional[Path], typer.Option(help="Run folder: config.yaml, checkpoints/, metrics.csv, tb/, "
                                                      "recon/, encoder.pth.")] = None,
-    rois: Annotated[Optional[Path], typer.Option(help="rois.jsonl from `mwm localize` (joined by image id).")] = None,
+    rois: Annotated[Optional[Path], typer.Option(help="rois.jsonl from `mwm localize` (joined by image id); for "
+                                                     "saliency_soft/saliency_topk one written with "
+                                                     "--save-saliency.")] = None,
     min_roi_share: Annotated[Optional[float], typer.Option(help="ROI-guided masking warns (with --strict: fails) "
                                                                 "when fewer of the images have an ROI box. "
                                                                 "[default: 0.5]")] = None,
@@ -69,10 +76,12 @@ def pretrain(
                                                      "RUN/encoder.pth (continued pretraining). [default: none]")] = None,
     allow_missing_rois: Annotated[Optional[bool], typer.Option("--allow-missing-rois", help="Images missing from "
                                                                "the manifest get no ROI instead of an error.")] = None,
-    masking: Annotated[Optional[str], typer.Option(help="random, roi (MWM two-level), roi_overall, soft or topk. "
+    masking: Annotated[Optional[str], typer.Option(help="random, roi (MWM two-level), roi_overall, soft or topk (by "
+                                                        "ROI box), saliency_soft or saliency_topk (by the saliency "
+                                                        "maps of `mwm localize --save-saliency`, no boxes). "
                                                         "[default: random]")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="Overall mask ratio (random/roi_overall/soft/topk; images "
-                                                        "without ROI under roi). [default: 0.6]")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Overall mask ratio (random/roi_overall/soft/topk/saliency_*; "
+                                                        "images without ROI under roi). [default: 0.6]")] = None,
     ratio_in: Annotated[Optional[float], typer.Option(help="roi: mask ratio inside the ROI. [default: 0.8]")] = None,
     ratio_out: Annotated[Optional[float], typer.Option(help="roi: mask ratio outside the ROI. [default: 0.2]")] = None,
     method: Annotated[Optional[str], typer.Option(help="spark (timm CNNs) or mae (timm ViTs). [default: from "
@@ -129,6 +138,9 @@ def pretrain(
     exactly), metrics.csv, tb/ (TensorBoard), recon/epoch_XXX.png, config.yaml and summary.json.
 
     Example: mwm pretrain scans.npz --rois rois/rois.jsonl --masking roi --ratio-in 0.8 --ratio-out 0.2 --arch resnet18 --size 64 --epochs 50 --out run/
+
+    Without boxes: mwm pretrain scans.npz --rois rois/rois.jsonl --masking saliency_topk --ratio 0.6 --out run/ (rois/
+    from `mwm localize --save-saliency`).
 
     Many GPUs: --devices 4 --strategy ddp --precision bf16-mixed; many nodes: start it with torchrun and --num-nodes.
 

@@ -9,7 +9,8 @@ import typer
 
 from .common import (Axis, ConfigOpt, Labels, SetOpt, SkipEmpty, SliceStart, SliceStop, Strict, Window, WindowCenter,
                      WindowWidth, console, handle_errors, read_option_values)
-from .common import DeviceOpt, JsonOpt, PrecisionOpt, QuietOpt, ResizeOpt, SeedOpt, TaskBars, WeightsOpt, run_with_bar
+from .common import (DeviceOpt, InputSizeOpt, JsonOpt, PrecisionOpt, QuietOpt, ResizeOpt, SeedOpt, TaskBars,
+                     TimmArchOpt, WeightsOpt, require_transfer_args, run_with_bar)
 
 
 class _Bar(TaskBars):
@@ -67,9 +68,8 @@ def segment(
     weights: WeightsOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder: metrics.json, config.yaml, examples.png, "
                                                      "model.pt.")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="timm name. [default: from encoder.json]")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Input side in pixels. [default: the encoder's pretraining "
-                                                     "size, else 64]")] = None,
+    arch: TimmArchOpt = None,
+    size: InputSizeOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="[default: 30]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak lr of the decoder (AdamW, warmup + cosine). "
                                                      "[default: 1e-3]")] = None,
@@ -109,7 +109,6 @@ def segment(
     import json
 
     from ..config import resolve
-    from ..errors import MWMError
     from ..transfer.segment import SegmentConfig, segment as run
 
     opts = {"data": data, "weights": weights, "out": out, "arch": arch, "size": size, "epochs": epochs, "lr": lr,
@@ -119,11 +118,7 @@ def segment(
             "device": device, "precision": precision, "resize": resize,
             **read_option_values(window, window_center, window_width, axis, slice_start, slice_stop, skip_empty,
                                  labels, strict)}
-    if out is None and not config:
-        raise MWMError("give --out DIR for the metrics, examples and the model")
-    if weights is None and not config:
-        raise MWMError("give --weights RUN/encoder.pth (from `mwm pretrain`), --weights none --arch ARCH (random "
-                       "init) or --weights timm --arch ARCH (ImageNet, online)")
+    require_transfer_args(out, weights, config, "the metrics, examples and the model")
     cfg = resolve(SegmentConfig, config, set_, opts)
     m = run_with_bar(run, cfg, _Bar(enabled=not quiet))
     _report(m)

@@ -1,6 +1,8 @@
 """ROI manifests without a localizer: the oracle ROI source (``gt-boxes``) for benchmarks, the way to pretrain
 with lung-field boxes on data whose masks are known, degraded oracle boxes (``perturb``) and classical
-``foreground`` boxes (lung fields / body, :mod:`mwm.localize.foreground`) for data with neither masks nor prompts.
+``foreground`` boxes (lung fields / body / brain, :mod:`mwm.localize.foreground`) and ``reconstruction-error`` boxes
+(where a briefly pretrained model reconstructs worst, :mod:`mwm.localize.recon_error`) for data with neither masks
+nor prompts.
 
 Each annotated image gets the box(es) around its mask's connected components (one union box by default)
 expanded by the same margin rule as ``mwm localize``; images without a valid or with an empty mask get
@@ -25,7 +27,7 @@ from ..io import atomic_write_text
 from .perturb import PerturbConfig, achieved, perturb_boxes
 from .postprocess import expand_boxes, mask_to_boxes
 
-ROI_SOURCES = ("gt-boxes", "foreground")
+ROI_SOURCES = ("gt-boxes", "foreground", "reconstruction-error")
 
 
 def _round(boxes: list) -> list:
@@ -33,9 +35,11 @@ def _round(boxes: list) -> list:
 
 
 def gt_rois(data: str | Path, expand: float = 0.1, box_mode: Literal["union", "per_component"] = "union",
-            prompt: str = "gt-boxes", perturb: PerturbConfig | dict | None = None, seed: int = 0) -> list[dict]:
-    """One manifest record per image of ``data`` (an npz with ``masks``/``mask_valid``); ``perturb``: degrade
-    the boxes (see :mod:`mwm.localize.perturb`; draws seeded by ``seed`` and the image id)."""
+            prompt: str = "gt-boxes", perturb: PerturbConfig | dict | None = None, seed: int = 0,
+            indices: list[int] | None = None) -> list[dict]:
+    """One manifest record per image of ``data`` (an npz with ``masks``/``mask_valid``; or of its images
+    ``indices``); ``perturb``: degrade the boxes (see :mod:`mwm.localize.perturb`; draws seeded by ``seed`` and the
+    image id)."""
     src = open_source(data)
     masks = getattr(src, "masks", None)
     if masks is None:
@@ -46,7 +50,8 @@ def gt_rois(data: str | Path, expand: float = 0.1, box_mode: Literal["union", "p
     valid = src.mask_valid
     recs = []
     h, w = masks.shape[1:3]
-    for i, image_id in enumerate(src.ids):
+    for i in range(len(src.ids)) if indices is None else indices:
+        image_id = src.ids[i]
         boxes: list = []
         status = "no_gt"
         if valid[i] and masks[i].any():
@@ -95,43 +100,77 @@ def with_fallback(recs: list[dict], fallback: list[dict], where: str = "fallback
     return out, n
 
 
+def select(data: str | Path, split: str | None = None, limit: int | None = None) -> list[int] | None:
+    """The image indices of ``split`` (None or ``all``: every image), the first ``limit`` of them; None = all."""
+    if split in (None, "", "all") and limit is None:
+        return None
+    src = open_source(data)
+    if split not in (None, "", "all"):
+        present = sorted({str(s) for s in src.splits if s})
+        if split not in present:
+            raise DataError(f"{data}: no images in split '{split}'; the splits present are "
+                            f"{', '.join(present) if present else 'none (leave --split out)'}")
+    idx = src.indices(None if split in (None, "", "all") else split)
+    return idx[:limit] if limit is not None else idx
+
+
 def write_gt_rois(data: str | Path, out: str | Path, expand: float = 0.1,
                   box_mode: Literal["union", "per_component"] = "union", fallback: str | Path | None = None, *,
-                  source: Literal["gt-boxes", "foreground"] = "gt-boxes", perturb: PerturbConfig | dict | None = None,
-                  seed: int = 0, kind: Literal["lungs", "body"] = "lungs") -> dict:
+                  source: Literal["gt-boxes", "foreground", "reconstruction-error"] = "gt-boxes",
+                  perturb: PerturbConfig | dict | None = None, seed: int = 0,
+                  kind: Literal["lungs", "body", "brain"] = "lungs", split: str | None = None,
+                  limit: int | None = None, recon: dict | None = None) -> dict:
     """Write the manifest (atomically) and a meta.json beside it; returns the meta (counts, settings).
 
-    source: ``gt-boxes`` (boxes around the masks, optionally ``perturb``-ed with ``seed``) or ``foreground``
-    (classical ``kind`` boxes for every image, :func:`mwm.localize.foreground.foreground_records`; no masks needed).
+    source: ``gt-boxes`` (boxes around the masks, optionally ``perturb``-ed with ``seed``), ``foreground``
+    (classical ``kind`` boxes for every image, :func:`mwm.localize.foreground.foreground_records`; no masks needed)
+    or ``reconstruction-error`` (:func:`mwm.localize.recon_error.recon_error_records` with the keyword arguments
+    ``recon``: ``run`` (required), ``masks``, ``ratio``, ``level``, ``binarize``, ``quantile``, ``components``,
+    ``maps_out``, ``device``, ``batch_size``; its masks seeded by ``seed``).
     fallback: a ``rois.jsonl`` (from ``mwm localize``) whose ROIs are used for the images without an ROI —
     e.g. lung-field boxes where lung masks exist and localized lungs elsewhere.
+    split, limit: only the images of this split (``all``: every one), the first ``limit`` of them.
     """
     from .manifest import read_manifest
 
     if source not in ROI_SOURCES:
         raise DataError(f"unknown ROI source {source!r}; use one of {', '.join(ROI_SOURCES)}")
     pc = PerturbConfig.model_validate(perturb) if isinstance(perturb, dict) else perturb
+    if pc is not None and source != "gt-boxes":
+        raise DataError(f"perturb degrades ground-truth boxes; it needs source gt-boxes, not {source}")
+    indices = select(data, split, limit)
+    extra: dict = {}
     if source == "foreground":
         from .foreground import FOREGROUND_KINDS, foreground_records
 
         if kind not in FOREGROUND_KINDS:
             raise DataError(f"unknown foreground kind {kind!r}; use one of {', '.join(FOREGROUND_KINDS)}")
-        if pc is not None:
-            raise DataError("perturb degrades ground-truth boxes; it needs source gt-boxes, not foreground")
-        recs = foreground_records(data, kind, box_mode, expand)
+        recs = foreground_records(data, kind, box_mode, expand, indices=indices)
+        extra = {"kind": kind}
+    elif source == "reconstruction-error":
+        from .recon_error import load_run, recon_error_records
+
+        opts = dict(recon or {})
+        if opts.get("run") is None:
+            raise DataError("source reconstruction-error needs a pretraining run folder (--run RUN, made by "
+                            "`mwm pretrain`; a few epochs of random masking suffice)")
+        rr = load_run(opts.pop("run"), opts.pop("device", "cpu"))
+        recs = recon_error_records(data, rr, seed=seed, box_mode=box_mode, expand=expand, indices=indices, **opts)
+        extra = {"run": str(rr.path), "run_sha256": rr.sha256, "seed": seed,
+                 **{k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items() if k != "batch_size"}}
     else:
-        recs = gt_rois(data, expand, box_mode, perturb=pc, seed=seed)
+        recs = gt_rois(data, expand, box_mode, perturb=pc, seed=seed, indices=indices)
     n_gt = sum(r["status"] == "ok" for r in recs)
     n_fb = 0
     if fallback is not None:
         recs, n_fb = with_fallback(recs, read_manifest(fallback), str(fallback))
     out = Path(out)
     atomic_write_text(out, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
-    meta = {"source": source, "data": str(data), "expand": expand, "box_mode": box_mode,
-            "fallback": None if fallback is None else str(fallback), "n_images": len(recs),
-            "n_with_roi": n_gt + n_fb, "n_gt": n_gt, "n_fallback": n_fb}
-    if source == "foreground":
-        meta.update(kind=kind, n_foreground=meta.pop("n_gt"))
+    meta = {"source": source, "data": str(data), "split": split, "limit": limit, "expand": expand,
+            "box_mode": box_mode, "fallback": None if fallback is None else str(fallback), "n_images": len(recs),
+            "n_with_roi": n_gt + n_fb, "n_gt": n_gt, "n_fallback": n_fb, **extra}
+    if source != "gt-boxes":
+        meta["n_" + source.split("-")[0]] = meta.pop("n_gt")  # n_foreground / n_reconstruction
     if pc is not None:
         meta["perturb"] = perturb_summary(recs, pc, seed)
     atomic_write_text(out.with_name(out.stem + ".meta.json"), json.dumps(meta, indent=2))

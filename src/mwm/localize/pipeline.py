@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +38,8 @@ from ..io import live_locks
 from ..data import ReadOptions, open_source
 from ..data.transforms import Fit, to_tensor
 from ..errors import DataError, MWMError, ReadError
-from .m2ib import M2IBConfig, m2ib_saliency, resolve_layer
+from .ensemble import EnsembleResult, Reduce, ensemble_saliency, family_prompts, split_prompt
+from .m2ib import M2IBConfig, resolve_layer
 
 
 class LocalizeConfig(BaseModel):
@@ -47,8 +49,12 @@ class LocalizeConfig(BaseModel):
 
     data: Path
     out: Path
-    prompt: str | None = None
+    prompt: str | None = Field(default=None, description="what to localize; 'a;b;c' is an ensemble of three prompts")
     prompts_file: Path | None = Field(default=None, description="JSON: {image id or class name: prompt}")
+    prompt_family: str | None = Field(default=None, description="MODALITY/TARGET[:KIND] of the prompt library, as an "
+                                      "ensemble (instead of --prompt; KIND short|synonyms|lay|descriptions|all)")
+    ensemble: Reduce = Field(default="mean", description="how the saliency maps of an ensemble's prompts combine "
+                             "(pixel-wise, before binarization)")
     vlm: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
     vlm_pretrained: str | None = None
     m2ib: M2IBConfig = M2IBConfig()
@@ -114,25 +120,39 @@ def read_prompts_file(path: str | Path) -> tuple[dict[str, str], bytes]:
     return table, raw
 
 
+def fallback_prompt(cfg) -> str | None:
+    """The prompt for images the prompts file does not name: ``--prompt``, or the ``--prompt-family`` ensemble
+    joined with ``;`` (resolved from the prompt library now, so the manifest records the very prompts used)."""
+    family = getattr(cfg, "prompt_family", None)
+    if family is not None and cfg.prompt is not None:
+        raise DataError("give --prompt or --prompt-family, not both (a family is an ensemble prompt; to add prompts "
+                        "to it, pass them all as --prompt 'a;b;c')")
+    return ";".join(family_prompts(family)) if family is not None else cfg.prompt
+
+
 def prompt_resolver(cfg: LocalizeConfig, label_names: list[str], table: dict[str, str] | None = None):
-    """A function (image id, label) → prompt: image id, then class name, then ``default``, then --prompt.
+    """A function (image id, label) → prompt: image id, then class name, then ``default``, then --prompt (or the
+    --prompt-family ensemble). A prompt ``"a;b;c"`` is an ensemble (:func:`~mwm.localize.ensemble.split_prompt`).
     ``table``: the prompts file already read (:func:`read_prompts_file`); default: read ``cfg.prompts_file``."""
     if table is None:
         table = read_prompts_file(cfg.prompts_file)[0] if cfg.prompts_file is not None else {}
-    if cfg.prompt is None and not table:
-        raise DataError("give a prompt: --prompt 'brain tumor', or --prompts-file prompts.json")
+    fallback = fallback_prompt(cfg)
+    if fallback is None and not table:
+        raise DataError("give a prompt: --prompt 'brain tumor', --prompt-family brain-mri/tumour, or "
+                        "--prompts-file prompts.json")
 
     def resolve(image_id: str, label: int) -> str:
         p = table.get(image_id)
         if p is None and 0 <= label < len(label_names):
             p = table.get(label_names[label])
         if p is None:
-            p = table.get("default", cfg.prompt)
+            p = table.get("default", fallback)
         if p is None:
             raise DataError(f"no prompt for image {image_id} (class {label_names[label] if 0 <= label < len(label_names) else 'none'}): "
                             "add it (or a 'default') to the prompts file, or pass --prompt")
         if not p.strip():
             raise DataError(f"the prompt for image {image_id} is empty; prompts must name what to localize")
+        split_prompt(p)  # an empty ensemble member is an error here, before any work
         return p
 
     return resolve
@@ -198,13 +218,16 @@ def _path_or_name(v: str | None) -> str | None:
     return str(p.resolve()) if p.exists() else v
 
 
-def run_settings(cfg: LocalizeConfig, ids: list[str], prompts_bytes: bytes | None) -> dict:
+def run_settings(cfg: LocalizeConfig, ids: list[str], prompts_bytes: bytes | None,
+                 family: str | None = None) -> dict:
     """The settings that shape the ROIs: what must be equal for two runs to share one manifest.
 
     Every config field but :data:`RUN_ONLY_FIELDS`, with the data as its name + a digest of its image ids
     (a moved or node-local copy of the same data matches), the prompts file as a digest of its content
     (an edited file does not match), local VLM/SAM paths made absolute, and settings that a run does not
-    use (``threshold`` unless ``binarize=threshold``, ``sam_type`` without SAM) left out.
+    use (``threshold`` unless ``binarize=threshold``, ``sam_type`` without SAM) left out. ``family``: the
+    ``--prompt-family`` ensemble as resolved from the library (``"a;b;c"``), recorded as
+    ``family_prompts`` so an edited library does not resume a folder made with its older text.
     """
     d = cfg.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS))
     d["data"] = {"name": Path(cfg.data).expanduser().resolve().name, "n_images": len(ids),
@@ -216,6 +239,8 @@ def run_settings(cfg: LocalizeConfig, ids: list[str], prompts_bytes: bytes | Non
         d["threshold"] = None
     if cfg.sam is None:
         d["sam_type"] = None
+    if family is not None:
+        d["family_prompts"] = family
     return d
 
 
@@ -359,6 +384,89 @@ def _check_done_prompts(out: Path, done: dict[str, dict], idx: list[int], ids: l
                            "choose another --out, or pass --overwrite to start over")
 
 
+# -- one batch: prompts → saliency → ROIs (shared with `mwm localize-robustness`) -----------------------
+def prompt_embeddings(vlm, prompts) -> dict[str, torch.Tensor]:
+    """Text embeddings of every distinct member of the given (ensemble) prompts, each encoded once."""
+    parts = sorted({p for q in set(prompts) for p in split_prompt(q)})
+    return dict(zip(parts, vlm.encode_text(parts))) if parts else {}
+
+
+def batch_saliency(vlm, pixels: torch.Tensor, prompts: list[str], keys: list[str], text: dict[str, torch.Tensor],
+                   m2ib: M2IBConfig, reduce: Reduce = "mean",
+                   out_size: tuple[int, int] | None = None) -> EnsembleResult:
+    """M2IB saliency of a batch of images, each with its own (ensemble) prompt, in one batched pass.
+
+    Args:
+        vlm: the loaded VLM; pixels: float (B, 3, S, S) preprocessed; prompts: B prompt strings (``"a;b"`` =
+        an ensemble); keys: B noise keys (image ids); text: :func:`prompt_embeddings` of the prompts.
+    Returns:
+        :class:`~mwm.localize.ensemble.EnsembleResult`; for single prompts ``saliency`` is exactly
+        :func:`~mwm.localize.m2ib.m2ib_saliency`'s.
+    """
+    members = [split_prompt(p) for p in prompts]
+    P = max(len(m) for m in members)
+    # padded to P per image (the padding repeats a member and is never computed: ``valid`` is False there)
+    emb = torch.stack([text[m[min(k, len(m) - 1)]] for m in members for k in range(P)])
+    emb = emb.view(len(members), P, -1).to(pixels.device)
+    valid = torch.tensor([[k < len(m) for k in range(P)] for m in members], device=pixels.device)
+    return ensemble_saliency(vlm.stages, pixels, emb, m2ib, keys=keys, reduce=reduce, valid=valid, out_size=out_size)
+
+
+@dataclass
+class BatchROIs:
+    """What :func:`saliency_to_rois` gives per image: ``status`` (``ok`` or why there is no ROI), ``boxes`` in
+    the image's own frame (normalized), ``boxes_sq`` on the VLM's square input, ``masks`` (the kept region,
+    bool (S, S), after SAM when used) and ``notes`` (SAM's, or None)."""
+
+    status: list[str]
+    boxes: list[list[list[float]]]
+    boxes_sq: list[list[list[float]]]
+    masks: list[torch.Tensor]
+    notes: list[str | None]
+
+
+def saliency_to_rois(sal: torch.Tensor, imgs01: torch.Tensor, sizes: list[tuple[int, int]], cfg, size: int,
+                     sam=None) -> BatchROIs:
+    """Saliency (B, S, S) → binarize → largest components → [SAM] → boxes → margin → the image's frame.
+
+    Args:
+        sal: float (B, S, S) saliency; imgs01: float (B, 3, S, S) the images in [0, 1] as the VLM saw them (for
+        the CRF and SAM); sizes: (h, w) of each image as read; cfg: any config with ``binarize``, ``threshold``,
+        ``components``, ``box_mode``, ``expand`` and ``resize`` (:class:`LocalizeConfig`,
+        :class:`~mwm.localize.robustness.RobustnessConfig`); size: S; sam: a loaded SAM refiner or None.
+    Returns:
+        :class:`BatchROIs`.
+    """
+    from .postprocess import binarize, expand_boxes, largest_components, mask_to_boxes
+
+    binary, status = binarize(sal, cfg.binarize, cfg.threshold, image=imgs01)
+    kept = largest_components(binary, cfg.components)
+    out = BatchROIs([], [], [], [], [])
+    for j, (h, w) in enumerate(sizes):
+        st = status[j]
+        m = kept[j]
+        note = None
+        if st == "ok" and sam is not None and bool(m.any()):
+            # all component boxes of the image in one SAM call; an empty SAM mask keeps its component
+            m, sam_note = sam.refine(imgs01[j], kept.boxes[j].float() * size, fallback=kept.components[j])
+            note = sam_note or None
+        boxes_sq = mask_to_boxes(m, cfg.box_mode) if st == "ok" else []
+        if st == "ok" and not boxes_sq:
+            st = "empty_roi"
+        boxes_sq = expand_boxes(boxes_sq, cfg.expand)
+        fit = Fit.of(h, w, size, cfg.resize)
+        boxes = [fit.unbox(b, h, w, size) for b in boxes_sq]
+        boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
+        if st == "ok" and not boxes:
+            st = "empty_roi"
+        out.status.append(st)
+        out.boxes.append(boxes)
+        out.boxes_sq.append(boxes_sq)
+        out.masks.append(m)
+        out.notes.append(note)
+    return out
+
+
 # -- the run -------------------------------------------------------------------------------------
 def _gallery_ids(ids: list[str], k: int) -> set[str]:
     """A deterministic, evenly spread sample of ids for the gallery."""
@@ -388,15 +496,16 @@ def localize(cfg: LocalizeConfig, progress=None, log=print, overwrite: bool = Fa
 
 def _localize(cfg: LocalizeConfig, out: Path, shard: tuple[int, int], progress) -> dict:
     from ..config import save_config
-    from .postprocess import binarize, expand_boxes, largest_components, mask_to_boxes, require_crf
+    from .postprocess import require_crf
     from .vlm import load_vlm
 
     t0 = time.perf_counter()
     src = open_source(cfg.data, cfg.read)
     table, prompts_bytes = read_prompts_file(cfg.prompts_file) if cfg.prompts_file is not None else ({}, None)
+    family = fallback_prompt(cfg) if cfg.prompt_family is not None else None
     resolve_prompt = prompt_resolver(cfg, src.label_names, table)
     ids = src.ids
-    settings = run_settings(cfg, ids, prompts_bytes)
+    settings = run_settings(cfg, ids, prompts_bytes, family)
     check_settings(out, settings, cfg)  # before any slow work; claim_settings repeats it atomically
     all_idx = src.indices(cfg.split)
     if not all_idx:
@@ -425,10 +534,9 @@ def _localize(cfg: LocalizeConfig, out: Path, shard: tuple[int, int], progress) 
     _write_meta(cfg, out, vlm, len(all_idx), settings)
     save_config(cfg, out / "config.yaml")  # after the settings check: a refused run leaves the folder as it was
 
-    # text embeddings: once per distinct prompt
+    # text embeddings: once per distinct prompt (each member of an ensemble prompt "a;b;c")
     prompts_of = {i: resolve_prompt(ids[i], src.labels[i]) for i in todo}
-    distinct = sorted(set(prompts_of.values()))
-    text = dict(zip(distinct, vlm.encode_text(distinct))) if distinct else {}
+    text = prompt_embeddings(vlm, prompts_of.values())
 
     n_ok = n_bad = 0
     for b0 in range(0, len(todo), cfg.batch_size):
@@ -459,31 +567,14 @@ def _localize(cfg: LocalizeConfig, out: Path, shard: tuple[int, int], progress) 
         if samples:
             imgs01 = torch.stack([to_tensor(s.image, size, 3, cfg.resize) for _, s in samples]).to(device)
             pixels = vlm.preprocess(imgs01)
-            temb = torch.stack([text[prompts_of[i]] for i, _ in samples]).to(device)
-            res = m2ib_saliency(vlm.stages, pixels, temb, cfg.m2ib, keys=[s.id for _, s in samples],
-                                out_size=(size, size))
+            res = batch_saliency(vlm, pixels, [prompts_of[i] for i, _ in samples], [s.id for _, s in samples],
+                                 text, cfg.m2ib, cfg.ensemble, out_size=(size, size))
             sal = res.saliency
-            binary, status = binarize(sal, cfg.binarize, cfg.threshold, image=imgs01)
-            kept = largest_components(binary, cfg.components)
+            rois = saliency_to_rois(sal, imgs01, [s.image.shape[:2] for _, s in samples], cfg, size, sam)
             for j, (i, s) in enumerate(samples):
                 h, w = s.image.shape[:2]
-                st = status[j]
-                m = kept[j]
-                note = None
-                if st == "ok" and sam is not None and bool(m.any()):
-                    # all component boxes of the image in one SAM call; an empty SAM mask keeps its component
-                    m, sam_note = sam.refine(imgs01[j], kept.boxes[j].float() * size, fallback=kept.components[j])
-                    note = sam_note or None
-                boxes_sq = mask_to_boxes(m, cfg.box_mode) if st == "ok" else []
-                if st == "ok" and not boxes_sq:
-                    st = "empty_roi"
-                boxes_sq = expand_boxes(boxes_sq, cfg.expand)
-                fit = Fit.of(h, w, size, cfg.resize)
-                boxes = [fit.unbox(b, h, w, size) for b in boxes_sq]
-                boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
-                if st == "ok" and not boxes:
-                    st = "empty_roi"
-                rec = _record(s.id, w, h, prompts_of[i], boxes, st, note=note)
+                st, boxes, boxes_sq, m = rois.status[j], rois.boxes[j], rois.boxes_sq[j], rois.masks[j]
+                rec = _record(s.id, w, h, prompts_of[i], boxes, st, note=rois.notes[j])
                 if st == "ok" and boxes and _area(boxes) > 0.95:
                     rec["flags"] = ["roi_covers_image"]
                 rec["fit"] = round(float(res.fit[j]), 5)

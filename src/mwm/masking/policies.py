@@ -4,9 +4,15 @@ Every function returns ``keep``: bool ``(B, 1, h, w)``, True = visible to the en
 contract in DESIGN.md). No per-sample Python loop and no host synchronisation: counts are
 tensors, selection is a rank comparison, so the whole batch is a handful of kernels and the
 same code runs on CPU and GPU. Randomness comes from an explicit ``torch.Generator``.
+
+:data:`POLICIES` registers them by name (``uniform``, ``two-level``, ``two-level-overall``, ``soft``, ``topk``) for
+the source × policy strategies of :mod:`mwm.masking.strategies`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -142,3 +148,80 @@ def realised_ratios(keep: torch.Tensor, roi: torch.Tensor | None = None) -> dict
         out["mask_ratio_out"] = (masked & ~r).sum() / n_out.clamp_min(1)
         out["roi_fraction"] = r.float().mean()
     return out
+
+
+# -- the policy registry: importance → keep-mask -----------------------------------------------------------------
+#
+# A policy is ``fn(importance, batch, cfg) -> keep`` plus ``visible(cfg, n)`` (the visible count per image when it
+# is fixed, else None) and the Importance fields it needs; :mod:`mwm.masking.strategies` pairs it with a source.
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    fn: Callable
+    visible: Callable[[object, int], int | None]
+    needs: frozenset[str]
+
+    def __call__(self, importance, batch, cfg) -> torch.Tensor:
+        return self.fn(importance, batch, cfg)
+
+
+POLICIES: dict[str, Policy] = {}
+
+
+def _keep_count(cfg, n: int) -> int:
+    return int(n_keep(n, cfg.ratio))
+
+
+def register_policy(name: str, needs: tuple[str, ...] = (), visible: Callable[[object, int], int | None] = _keep_count):
+    def deco(fn: Callable) -> Callable:
+        POLICIES[name] = Policy(name, fn, visible, frozenset(needs))
+        return fn
+
+    return deco
+
+
+@register_policy("uniform")
+def _uniform_policy(imp, batch, cfg) -> torch.Tensor:
+    """Uniform at ``ratio`` (SparK / MAE). Drawn where the region lives when there is one (the boxes' device)."""
+    device = imp.region.device if imp.region is not None else batch.device
+    return random_keep(batch.batch_size, batch.grid, cfg.ratio, batch.generator, device)
+
+
+@register_policy("two-level", needs=("region",), visible=lambda cfg, n: None)
+def _two_level_policy(imp, batch, cfg) -> torch.Tensor:
+    """``ratio_in`` inside the region, ``ratio_out`` outside (the overall ratio follows the region's size). Images
+    without a region: uniformly at ``ratio`` (``no_roi: ratio``) or at ``ratio_out`` (``no_roi: background``, the MWM
+    reference's all-background region mask)."""
+    roi = imp.region
+    no_roi_ratio = cfg.ratio_out if cfg.no_roi == "background" else cfg.ratio
+    r_in = torch.full((batch.batch_size,), cfg.ratio_in, dtype=torch.float64, device=roi.device)
+    present = imp.present if imp.present is not None else torch.ones_like(r_in, dtype=torch.bool)
+    r_out = torch.where(present, torch.tensor(cfg.ratio_out, dtype=torch.float64, device=roi.device),
+                        torch.tensor(no_roi_ratio, dtype=torch.float64, device=roi.device))
+    return two_region_keep(roi, r_in, r_out, batch.generator)
+
+
+def _masked_count(cfg, n: int) -> int:
+    return n - int(torch.round(torch.tensor(n * cfg.ratio, dtype=torch.float64)))
+
+
+@register_policy("two-level-overall", needs=("region",), visible=_masked_count)
+def _two_level_overall_policy(imp, batch, cfg) -> torch.Tensor:
+    """Two-level with exactly ``round(N · ratio)`` cells masked in every image: the region at ``ratio_in`` where
+    its size allows, the rest from the background (:func:`ratios_for_overall`)."""
+    r_in, r_out = ratios_for_overall(imp.region, cfg.ratio, cfg.ratio_in)
+    return two_region_keep(imp.region, r_in, r_out, batch.generator)
+
+
+@register_policy("soft", needs=("score",))
+def _soft_policy(imp, batch, cfg) -> torch.Tensor:
+    """Gumbel-top-k at ``ratio``: masked with probability ∝ exp(score / ``temperature``)."""
+    return soft_keep(imp.score, cfg.ratio, cfg.temperature, batch.generator)
+
+
+@register_policy("topk", needs=("score",))
+def _topk_policy(imp, batch, cfg) -> torch.Tensor:
+    """The highest-scoring cells masked first at ``ratio`` (ties at random)."""
+    return topk_keep(imp.score, cfg.ratio, batch.generator)

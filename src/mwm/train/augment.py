@@ -1,5 +1,6 @@
-"""Paired augmentation: every geometric transform of an image is applied to its ROI boxes in the same call
-(the contract in docs/DESIGN.md), so the masker always sees where the ROI is *after* cropping and flipping.
+"""Paired augmentation: every geometric transform of an image is applied to its ROI boxes (and its saliency map,
+when the masking strategy uses one) in the same call (the contract in docs/DESIGN.md), so the masker always sees
+where the ROI is *after* cropping and flipping.
 
 The crop is sampled as torchvision's ``RandomResizedCrop.get_params`` (ten tries at a random area fraction and
 log-uniform aspect ratio, then a centre crop) but on integer pixel edges, from an explicit ``torch.Generator``.
@@ -14,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crop_params", "paired_random_resized_crop", "transform_boxes"]
+__all__ = ["crop_params", "paired_random_resized_crop", "paired_crop_with_map", "transform_boxes"]
 
 
 def _uniform(lo: float, hi: float, g: torch.Generator | None) -> float:
@@ -88,3 +89,21 @@ def paired_random_resized_crop(img: torch.Tensor, boxes: torch.Tensor, generator
     if flip:
         x = x.flip(-1)
     return x.contiguous(), transform_boxes(boxes, H, W, (top, left, ch, cw), flip)
+
+
+def paired_crop_with_map(img: torch.Tensor, boxes: torch.Tensor, smap: torch.Tensor,
+                         generator: torch.Generator | None = None, scale: tuple[float, float] = (0.5, 1.0),
+                         ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`paired_random_resized_crop` of an image, its boxes **and** a per-pixel map (saliency) of the same size.
+
+    The map rides through the one geometric transform as an extra channel, so it gets exactly the image's crop,
+    resize and flip (one draw from ``generator``; the image's result equals what the map-less call gives). Any
+    intensity transform added later must touch ``img`` only. img: float (C, H, W); smap: float (H, W).
+    Returns ``(img (C, H, W), boxes (M', 4), smap (H, W))``.
+    """
+    if smap.shape != img.shape[-2:]:
+        raise ValueError(f"the map {tuple(smap.shape)} must have the image's size {tuple(img.shape[-2:])}")
+    both, boxes = paired_random_resized_crop(torch.cat([img, smap[None].to(img.dtype)]), boxes, generator, scale,
+                                             ratio, hflip)
+    return both[:-1], boxes, both[-1]

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..data.types import ReadOptions
-from ..masking import NEEDS_ROI, MaskingConfig
+from ..masking import AnyMaskingConfig, MaskingConfig, strategy_requires, visible_count
 from ..mim import MAEConfig, SparKConfig
 
 __all__ = ["PretrainConfig", "AugmentConfig", "RESUME_MAY_CHANGE", "SPAWN_STRATEGIES"]
@@ -117,7 +117,7 @@ class PretrainConfig(BaseModel):
                       "online) or a file: a timm checkpoint (.pth/.safetensors) or a run's encoder.pth")
     init_sha256: str | None = Field(default=None, description="sha256 of the init weights, filled in by the run "
                                     "(config.yaml); when set, other weights are refused")
-    masking: MaskingConfig = MaskingConfig()
+    masking: AnyMaskingConfig = MaskingConfig()  # the class of its `strategy` (mwm.masking registry)
     sync_bn: bool = Field(default=True, description="synchronise (masked) BatchNorm statistics across GPUs "
                                                     "(CUDA only: DDP rejects SyncBatchNorm on CPU)")
     # -- optimisation ------------------------------------------------------------------------------------------
@@ -182,13 +182,22 @@ class PretrainConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
         strategy = self.masking.strategy
-        if strategy in NEEDS_ROI and self.rois is None:
+        requires = strategy_requires(strategy)
+        if "saliency" in requires and self.rois is None:
+            raise ValueError(f"masking strategy '{strategy}' masks by per-image saliency maps and needs --rois "
+                             "rois.jsonl written by `mwm localize --save-saliency` (its records name the maps); "
+                             "use --masking random for uniform masking")
+        if "boxes" in requires and self.rois is None:
             raise ValueError(f"masking strategy '{strategy}' masks by ROI and needs --rois rois.jsonl (written by "
                              "`mwm localize`); use --masking random for uniform masking")
-        if self.model.method == "mae" and strategy == "roi":
+        if "text" in requires:
+            raise ValueError(f"masking strategy '{strategy}' needs per-image text, which `mwm pretrain` does not "
+                             "load yet")
+        if self.model.method == "mae" and visible_count(self.masking, 16) is None:
             raise ValueError("the MAE (ViT) path drops masked tokens and needs the same visible count in every "
-                             "image; the two-level 'roi' strategy varies it with ROI size. Use --masking "
-                             "roi_overall (MWM at a fixed overall ratio), soft, topk or random")
+                             f"image; the '{strategy}' strategy varies it (the two-level 'roi' with ROI size). Use "
+                             "--masking roi_overall (MWM at a fixed overall ratio), soft, topk, saliency_soft, "
+                             "saliency_topk or random")
         _check_pretrain_options(self)
         if self.model.in_chans != 3:
             raise ValueError(f"model.in_chans must be 3: pretraining decodes 3-channel images so the exported "

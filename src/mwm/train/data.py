@@ -2,29 +2,34 @@
 
 * :func:`load_pretrain_data` decodes the source at the model's size with 3 channels (timm's default in_chans), picks
   the split, and maps every ROI box from the *original* image through the resize policy (:class:`mwm.data.Fit`).
+  For the saliency strategies (:data:`mwm.masking.NEEDS_SALIENCY`) it also loads each record's saliency map
+  (:func:`join_saliency`), placed on the decoded image by the same geometry, kept as uint8.
 * :class:`EpochSampler` is DistributedSampler-style: one permutation per epoch from a generator re-seeded by
   (seed, epoch), the same on every rank; rank r takes every world-th index. It yields ``(index, aug_seed)`` pairs,
   so the augmentation of a sample depends only on (seed, epoch, sample) — not on DataLoader workers or on
   whether the run was resumed — which is what makes resume exact.
-* :func:`collate` pads the ragged boxes to ``(B, M, 4)`` + validity ``(B, M)`` for the masker.
+* :func:`collate` pads the ragged boxes to ``(B, M, 4)`` + validity ``(B, M)`` for the masker (and stacks the
+  saliency maps to ``(B, S, S)`` when there are any).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import DataError, MWMError
-from .augment import paired_random_resized_crop
+from .augment import paired_crop_with_map, paired_random_resized_crop
 from .config import AugmentConfig, PretrainConfig
 
-__all__ = ["PretrainData", "load_pretrain_data", "join_rois", "roi_share_check", "PretrainDataset", "EpochSampler",
-           "collate", "micro_batches_per_epoch"]
+__all__ = ["PretrainData", "load_pretrain_data", "join_rois", "join_saliency", "fit_saliency", "roi_share_check",
+           "PretrainDataset", "EpochSampler", "collate", "micro_batches_per_epoch"]
 
 CONTENT_SAMPLE = 64  # images whose pixels the resume fingerprint hashes
 
@@ -32,7 +37,8 @@ CONTENT_SAMPLE = 64  # images whose pixels the resume fingerprint hashes
 @dataclass
 class PretrainData:
     """Decoded pretraining images. images: uint8 (N, 3, S, S); boxes[i]: float32 (M_i, 4) normalized to the S × S
-    image (M_i = 0: no ROI); ``has_rois``: a manifest was joined (so ROI statistics are meaningful)."""
+    image (M_i = 0: no ROI); ``has_rois``: a manifest was joined (so ROI statistics are meaningful); saliency:
+    uint8 (N, S, S) maps on the decoded images (all 0: no map), only for the saliency strategies."""
 
     ids: list[str]
     images: np.ndarray
@@ -42,6 +48,8 @@ class PretrainData:
     skipped: int = 0
     roi_stats: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    saliency: np.ndarray | None = None
+    saliency_stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -105,21 +113,29 @@ def load_pretrain_data(cfg: PretrainConfig, progress=None) -> PretrainData:
     if len(ds) == 0:
         raise DataError(f"{cfg.data}: no readable images in split '{split}'"
                         + (f" ({len(src.skipped)} unreadable)" if src.skipped else ""))
+    from ..masking import NEEDS_SALIENCY
+
     notes: list[str] = []
+    saliency, sal_stats = None, {}
     if cfg.rois is not None:
         boxes, stats = join_rois(ds.ids, ds.orig_sizes, cfg.rois, cfg.size, cfg.resize, cfg.allow_missing_rois,
                                  data=cfg.data)
-        notes += roi_share_check(stats, cfg)
+        if cfg.masking.strategy in NEEDS_SALIENCY:
+            saliency, sal_stats = join_saliency(ds.ids, ds.orig_sizes, cfg.rois, cfg.size, cfg.resize,
+                                                strategy=cfg.masking.strategy)
+        notes += roi_share_check(stats, cfg, sal_stats or None)
     else:
         boxes, stats = [np.zeros((0, 4), np.float32) for _ in ds.ids], {}
     return PretrainData(ids=list(ds.ids), images=ds.images, boxes=boxes, has_rois=cfg.rois is not None, split=split,
-                        skipped=len(src.skipped), roi_stats=stats, warnings=notes)
+                        skipped=len(src.skipped), roi_stats=stats, warnings=notes, saliency=saliency,
+                        saliency_stats=sal_stats)
 
 
-def roi_share_check(stats: dict, cfg: PretrainConfig) -> list[str]:
+def roi_share_check(stats: dict, cfg: PretrainConfig, saliency_stats: dict | None = None) -> list[str]:
     """Warnings about the joined ROIs (the caller shows and records them): ROI-guided masking where fewer than
-    ``cfg.min_roi_share`` of the images have an ROI box — the rest are masked uniformly at ``ratio``, so the run
-    is mostly random masking under another name — and ROIs given to a strategy that ignores them.
+    ``cfg.min_roi_share`` of the images have an ROI box (for the saliency strategies: a saliency map,
+    ``saliency_stats`` from :func:`join_saliency`) — the rest are masked uniformly at ``ratio``, so the run is
+    mostly random masking under another name — and ROIs given to a strategy that ignores them.
 
     Raises :class:`MWMError` instead for the share when ``cfg.read.strict`` (``--strict``)."""
     from ..masking import NEEDS_ROI
@@ -130,11 +146,14 @@ def roi_share_check(stats: dict, cfg: PretrainConfig) -> list[str]:
         out.append(f"--masking {strategy} does not use ROIs: the boxes of {cfg.rois} only feed the in/out mask-ratio "
                    "statistics; pass --masking roi (or roi_overall, soft, topk) for ROI-guided masking")
         return out
+    what, n_with = "an ROI box", stats["with_roi"]
     n = stats["with_roi"] + stats["without_roi"] + stats["missing"]
     share = stats["share"]
+    if saliency_stats is not None:
+        what, n_with, share = "a saliency map", saliency_stats["with_saliency"], saliency_stats["share"]
     if share < cfg.min_roi_share:
-        msg = (f"{cfg.rois}: only {stats['with_roi']} of {n} images ({share:.0%}) have an ROI box, fewer than "
-               f"min_roi_share {cfg.min_roi_share:.0%}: --masking {strategy} masks the other {n - stats['with_roi']} "
+        msg = (f"{cfg.rois}: only {n_with} of {n} images ({share:.0%}) have {what}, fewer than "
+               f"min_roi_share {cfg.min_roi_share:.0%}: --masking {strategy} masks the other {n - n_with} "
                f"uniformly at --ratio {cfg.masking.ratio:g}, i.e. mostly random masking. Check the manifest's status "
                "counts (`mwm localize` failures); when many scans truly show no finding, lower --min-roi-share "
                "to accept it")
@@ -196,27 +215,140 @@ def join_rois(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, polic
                  "share": n_roi / max(1, len(ids))}
 
 
+SALIENCY_FIX = ("run `mwm localize` with --save-saliency (into a new --out, or with --overwrite: a resumed run "
+                "does not revisit the images it has done)")
+
+
+def _localize_resize(manifest) -> str:
+    """The ``--resize`` policy `mwm localize` fitted the scans with (meta.json's config beside the manifest): its
+    saliency maps are drawn on that square. Without a meta.json, localize's default ``pad``."""
+    meta = Path(manifest).parent / "meta.json"
+    if not meta.is_file():
+        return "pad"
+    try:
+        policy = (json.loads(meta.read_text(encoding="utf-8")).get("config") or {}).get("resize", "pad")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise MWMError(f"{meta}: not a `mwm localize` meta.json ({e}); it tells how the saliency maps of {manifest} "
+                       "were fitted to the scans") from e
+    if policy not in ("pad", "stretch", "crop"):
+        raise MWMError(f"{meta}: unknown resize policy {policy!r} (pad, stretch or crop)")
+    return policy
+
+
+def _read_map(path: Path) -> np.ndarray:
+    """A saliency PNG (``mwm localize`` writes 8-bit gray, 0–255 = saliency 0–1) → float32 (H, W) in [0, 1]."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im)
+    except OSError as e:
+        raise MWMError(f"{path}: not a readable saliency map image ({e}); {SALIENCY_FIX}") from e
+    if a.ndim == 3:  # an RGB(A) export of a gray map
+        a = a[..., :3].mean(-1)
+    scale = 65535.0 if a.dtype == np.uint16 else 255.0 if a.dtype == np.uint8 else max(1.0, float(a.max()))
+    return (a.astype(np.float32) / scale).clip(0, 1)
+
+
+def fit_saliency(smap: np.ndarray, h: int, w: int, map_policy: str, size: int, policy: str) -> torch.Tensor:
+    """A saliency map drawn on the localizer's square (the ``h × w`` scan fitted by ``map_policy``) → float32
+    ``(size, size)`` on the decoded training image (the scan fitted by ``policy``, as :func:`mwm.data.to_tensor`
+    places the image).
+
+    The map is first cut back to the scan's own frame (the localizer's padding dropped; with ``crop`` the parts
+    of the scan it never saw are 0), then placed exactly as the image is. A non-square map is taken to cover the
+    whole scan.
+    """
+    from ..data import Fit
+    from ..data.transforms import _place  # the very placement mwm.data gives the image
+
+    mh, mw = smap.shape
+    frame = torch.from_numpy(np.ascontiguousarray(smap, dtype=np.float32))
+    if mh == mw and (h, w) != (mh, mw):
+        fit = Fit.of(h, w, mh, map_policy)
+        oy, ox = int(round(fit.oy)), int(round(fit.ox))  # the offsets mwm.data placed the scan at
+        frame = torch.zeros(fit.out_h, fit.out_w)  # the scan's frame, at the map's scale
+        fy0, fx0 = max(0, -oy), max(0, -ox)
+        my0, mx0 = max(0, oy), max(0, ox)
+        hh, ww = min(fit.out_h - fy0, mh - my0), min(fit.out_w - fx0, mw - mx0)
+        frame[fy0:fy0 + hh, fx0:fx0 + ww] = torch.from_numpy(np.ascontiguousarray(smap[my0:my0 + hh, mx0:mx0 + ww]))
+    # the frame has the scan's content but not always its aspect (stretch): place it by the scan's own fit
+    return _place(frame[None], Fit.of(h, w, size, policy), size, "bilinear")[0].clamp_(0, 1)
+
+
+def join_saliency(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, policy: str,
+                  strategy: str = "saliency") -> tuple[np.ndarray, dict]:
+    """The saliency map of every image (the records' ``saliency`` files, from ``mwm localize --save-saliency``),
+    placed on the ``size × size`` decoded image (:func:`fit_saliency`). An image without one — no record, no
+    ``saliency`` field, status ``nan_saliency``, or a constant map — gets an all-zero map, which the saliency
+    maskers mask uniformly at ``ratio``.
+
+    Raises :class:`MWMError` when no record names a map (the manifest was written without --save-saliency) and
+    when a named file is missing (naming it).
+    Returns (uint8 (N, size, size), stats: with_saliency, without_saliency, missing, share, resize).
+    """
+    from ..localize.manifest import read_manifest
+
+    recs = {r["image"]: r for r in read_manifest(manifest)}
+    if not any(r.get("saliency") for r in recs.values()):
+        raise MWMError(f"{manifest}: no record names a saliency map, and --masking {strategy} masks by the "
+                       f"per-image saliency maps; {SALIENCY_FIX}")
+    map_policy = _localize_resize(manifest)
+    root = Path(manifest).parent
+    out = np.zeros((len(ids), size, size), np.uint8)
+    n_map = n_without = n_missing = 0
+    for i, sid in enumerate(ids):
+        rec = recs.get(sid)
+        if rec is None:
+            n_missing += 1
+            continue
+        name = rec.get("saliency")
+        if not name or rec.get("status") == "nan_saliency":  # localize writes a NaN map as zeros: not a map
+            n_without += 1
+            continue
+        path = root / name
+        if not path.is_file():
+            raise MWMError(f"{manifest}: the saliency map of {sid!r}, {path}, does not exist (moved or deleted "
+                           f"beside the manifest?); keep the `saliency/` folder next to the manifest, or "
+                           f"{SALIENCY_FIX}")
+        h, w = (int(v) for v in orig_sizes[i])
+        m = fit_saliency(_read_map(path), h, w, map_policy, size, policy)
+        if float(m.max() - m.min()) <= 0:
+            n_without += 1  # constant: says nothing about where to mask
+            continue
+        out[i] = (m.numpy() * 255 + 0.5).astype(np.uint8)
+        n_map += 1
+    return out, {"with_saliency": n_map, "without_saliency": n_without, "missing": n_missing,
+                 "share": n_map / max(1, len(ids)), "resize": map_policy}
+
+
 class PretrainDataset(Dataset):
-    """``dataset[(index, aug_seed)] → (img float32 (3, S, S) in [0, 1], boxes float32 (M, 4))``.
+    """``dataset[(index, aug_seed)] → (img float32 (3, S, S) in [0, 1], boxes float32 (M, 4))``, plus the saliency
+    map float32 (S, S) in [0, 1] as a third element when ``saliency`` (uint8 (N, S, S)) is given.
 
     The augmentation generator is seeded by ``aug_seed`` (drawn by :class:`EpochSampler`), so a sample's crop
-    and flip are reproducible in any worker process."""
+    and flip are reproducible in any worker process; the map gets exactly the image's crop and flip."""
 
-    def __init__(self, images: np.ndarray, boxes: list[np.ndarray], augment: AugmentConfig):
-        self.images, self.boxes, self.augment = images, boxes, augment
+    def __init__(self, images: np.ndarray, boxes: list[np.ndarray], augment: AugmentConfig,
+                 saliency: np.ndarray | None = None):
+        self.images, self.boxes, self.augment, self.saliency = images, boxes, augment, saliency
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, ...]:
         i, seed = key if isinstance(key, tuple) else (key, None)
         img = torch.from_numpy(self.images[i]).float().div_(255.0)
         boxes = torch.from_numpy(self.boxes[i])
+        smap = None if self.saliency is None else torch.from_numpy(self.saliency[i]).float().div_(255.0)
         if self.augment.enabled and seed is not None:
             g = torch.Generator().manual_seed(int(seed))
             a = self.augment
-            img, boxes = paired_random_resized_crop(img, boxes, g, a.crop_scale, a.crop_ratio, a.hflip)
-        return img, boxes
+            if smap is None:
+                img, boxes = paired_random_resized_crop(img, boxes, g, a.crop_scale, a.crop_ratio, a.hflip)
+            else:
+                img, boxes, smap = paired_crop_with_map(img, boxes, smap, g, a.crop_scale, a.crop_ratio, a.hflip)
+        return (img, boxes) if smap is None else (img, boxes, smap)
 
 
 def micro_batches_per_epoch(n: int, batch_size: int, accumulate: int, world_size: int) -> int:
@@ -271,14 +403,18 @@ class EpochSampler(Sampler):
         return {"seed": self.seed, "epoch": self.epoch, "generator": self.generator().get_state()}
 
 
-def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[(img (C, S, S), boxes (M_i, 4))] → (x (B, C, S, S), boxes (B, M, 4), valid bool (B, M)), M = max(1, M_i)."""
+def collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """[(img (C, S, S), boxes (M_i, 4))] → (x (B, C, S, S), boxes (B, M, 4), valid bool (B, M)), M = max(1, M_i);
+    items with a saliency map (img, boxes, map (S, S)) add the stacked maps (B, S, S) as a fourth element."""
     x = torch.stack([it[0] for it in items])
     m = max(1, max(len(it[1]) for it in items))
     boxes = torch.zeros(len(items), m, 4)
     valid = torch.zeros(len(items), m, dtype=torch.bool)
-    for i, (_, b) in enumerate(items):
+    for i, it in enumerate(items):
+        b = it[1]
         if len(b):
             boxes[i, : len(b)] = b
             valid[i, : len(b)] = True
+    if len(items[0]) > 2:
+        return x, boxes, valid, torch.stack([it[2] for it in items])
     return x, boxes, valid

@@ -1,5 +1,5 @@
 """Encoder export: RUN/encoder.pth (timm state_dict), RUN/encoder_d2.pth (Detectron2 names, ResNets) and
-RUN/encoder.json (how to load them).
+RUN/encoder.json (how to load them: :class:`mwm.engine.card.EncoderCard` owns that file's format).
 
 ``encoder.pth`` is a plain ``state_dict``: ``timm.create_model(arch, pretrained=False, **timm_kwargs)
 .load_state_dict(sd, strict=False)`` reports only the classifier keys missing (the contract in docs/DESIGN.md);
@@ -8,16 +8,15 @@ RUN/encoder.json (how to load them).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..io import atomic_write_text
+from ..engine.card import EncoderCard
 from .checkpoint import save_or_explain
 
-__all__ = ["export_encoder", "check_encoder", "timm_kwargs"]
+__all__ = ["export_encoder", "check_encoder", "timm_kwargs", "EncoderCard"]
 
 
 def timm_kwargs(mim_model: nn.Module) -> dict:
@@ -48,15 +47,8 @@ def export_encoder(mim_model: nn.Module, out: str | Path, arch: str, extra: dict
         # Detectron2's checkpointer reads {"model": …}; matching_heuristics lets it map res2…res5 by name
         save_or_explain({"model": to_detectron2(sd), "__author__": "mwm", "matching_heuristics": True},
                         paths["encoder_d2"], out)
-    meta = {"arch": arch, "timm_kwargs": timm_kwargs(mim_model), "format": "timm state_dict",
-            "load": f"timm.create_model({arch!r}, pretrained=False, **timm_kwargs).load_state_dict("
-                    "torch.load('encoder.pth'), strict=False)  # missing: classifier keys only",
-            "detectron2": "encoder_d2.pth: MODEL.WEIGHTS; RESNETS.STRIDE_IN_1X1 False"
-                          + (", RES2_OUT_CHANNELS 64" if arch in ("resnet18", "resnet34") else "")
-            if "encoder_d2" in paths else None,
-            **(extra or {})}
-    paths["meta"] = out / "encoder.json"
-    atomic_write_text(paths["meta"], json.dumps(meta, indent=2) + "\n")
+    card = EncoderCard.for_export(arch, timm_kwargs(mim_model), "encoder_d2" in paths, **(extra or {}))
+    paths["meta"] = card.save(out / "encoder.json")
     return paths
 
 

@@ -50,6 +50,22 @@ def _stat_vector(loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Te
                         stats["mask_ratio_out"].to(loss.dtype) * (1 - f), 1 - f])
 
 
+def _mean_ratios(rows: list[dict], cfg: PretrainConfig) -> dict:
+    """Realised mask ratios averaged over the run's logged rows (metrics.csv): overall, and inside / outside the
+    ROI — for the saliency strategies, the salient half of each image's patches / the other half — so
+    summary.json shows whether the guided region was masked more."""
+    from ..masking import strategy_requires
+
+    out: dict = {}
+    for k in ("mask_ratio", "mask_ratio_in", "mask_ratio_out"):
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = float(np.mean(vals)) if vals else None
+    saliency = "saliency" in strategy_requires(cfg.masking.strategy)
+    out["in_means"] = ("the top half of each image's patches by saliency" if saliency
+                       else "the ROI patches" if cfg.rois is not None else None)
+    return out
+
+
 def _gather(fabric, obj) -> list:
     """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     if fabric.world_size == 1:
@@ -78,12 +94,12 @@ def _default_workers(fabric, cfg: PretrainConfig) -> int:
 
 def _forward_kwargs(cfg: PretrainConfig, grid: tuple[int, int]) -> dict:
     # MAE gathers the visible tokens; giving it the (exact, known) visible count avoids reading it from the mask,
-    # a host sync per step. Every strategy but 'roi' (rejected for MAE by the config) draws exactly this many.
+    # a host sync per step. The strategy says how many it keeps (those that vary it are rejected for MAE by the config).
     if cfg.model.method != "mae":
         return {}
-    from ..masking import n_keep
+    from ..masking import visible_count
 
-    return {"n_visible": int(n_keep(grid[0] * grid[1], cfg.masking.ratio))}
+    return {"n_visible": visible_count(cfg.masking, grid[0] * grid[1])}
 
 
 def run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None = None, hook=None) -> dict | None:
@@ -124,7 +140,7 @@ def _run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None =
     from lightning.fabric.utilities.seed import seed_everything
     from torch.utils.data import DataLoader
 
-    from ..masking import create_masker
+    from ..masking import MaskingBatch, create_masker
     from ..mim import create_mim_model
 
     t0 = time.perf_counter()
@@ -240,12 +256,14 @@ def _run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None =
     # -- data loader -------------------------------------------------------------------------------------------
     sampler = EpochSampler(len(data), micro * cfg.batch_size, world, rank, cfg.seed)
     workers = cfg.workers if cfg.workers is not None else _default_workers(fabric, cfg)
-    loader = DataLoader(PretrainDataset(data.images, data.boxes, cfg.augment), batch_size=cfg.batch_size,
-                        sampler=sampler, collate_fn=collate, num_workers=workers, drop_last=True,
-                        pin_memory=fabric.device.type == "cuda", persistent_workers=workers > 0)
+    dataset = PretrainDataset(data.images, data.boxes, cfg.augment, data.saliency)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+                        drop_last=True, pin_memory=fabric.device.type == "cuda", persistent_workers=workers > 0)
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)  # sharding is EpochSampler's
 
     masker = create_masker(cfg.masking)
+    wants_outputs = "model_outputs" in masker.requires  # only then are the step's outputs kept for the next
+    prev_outputs = None
     fwd = _forward_kwargs(cfg, grid)
     mean, std = _input_stats(raw, cfg.normalize, fabric.device)
     has_rois = data.has_rois
@@ -256,14 +274,17 @@ def _run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None =
     if zero and cfg.recon_images > 0:
         from .recon import ReconSet
 
-        recon_set = ReconSet(data.images, data.boxes, cfg.recon_images, masker, grid, cfg.seed, has_rois)
+        recon_set = ReconSet(data.images, data.boxes, cfg.recon_images, masker, grid, cfg.seed, has_rois,
+                             saliency=data.saliency)
 
     if ckpt is not None:  # last, so nothing above (model init, loader setup) draws from the restored streams
         states = ckpt["rng"]
         restore_rng(states[rank], mask_gen)
+        masker.load_state_dict((ckpt.get("masking") or [{}] * world)[rank])
     emit("start", step, total_steps, {"lr": peak_lr, "lr_rule": lr_rule, "images": len(data), "world_size": world,
                                       "steps_per_epoch": steps_per_epoch, "start_epoch": start_epoch,
                                       "split": data.split, "roi_stats": data.roi_stats, "notes": notes,
+                                      "saliency_stats": data.saliency_stats or None,
                                       "init": init_info if ckpt is None else None})
 
     # device accumulators per micro-step: [loss, mask_ratio, masked ROI, ROI, masked background, background] as
@@ -311,17 +332,25 @@ def _run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None =
         sampler.use_epoch(epoch)
         model.train()
         epoch_loss.zero_()
-        for i, (x, boxes, valid) in enumerate(loader):
+        for i, (x, boxes, valid, *smap) in enumerate(loader):
             last_micro = (i + 1) % cfg.accumulate == 0
+            # the saliency map (B, S, S) comes only with the saliency strategies
+            keep, stats = masker(MaskingBatch(
+                batch_size=x.shape[0], grid=grid, generator=mask_gen, device=fabric.device, images=x,
+                boxes=boxes if has_rois else None, valid=valid if has_rois else None,
+                importance=smap[0] if smap else None, outputs=prev_outputs))
             x = (x - mean) / std
-            keep, stats = masker(batch=x.shape[0], grid=grid, boxes=boxes if has_rois else None,
-                                 valid=valid if has_rois else None, generator=mask_gen, device=fabric.device)
             if hook is not None and first_hook:
                 hook("step", {"rank": rank, "step": step, "keep": keep.detach().cpu()})
                 first_hook = False
             with fabric.no_backward_sync(model, enabled=not last_micro):
-                loss = model(x, keep, **fwd)["loss"]
+                outputs = model(x, keep, **fwd)
+                loss = outputs["loss"]
                 fabric.backward(loss / cfg.accumulate)
+            if wants_outputs:
+                prev_outputs = {k: v.detach() for k, v in outputs.items() if isinstance(v, torch.Tensor)}
+                masker.update(prev_outputs)
+            del outputs  # not held into the next step unless the strategy asked for it
             loss = loss.detach()
             acc += _stat_vector(loss, stats)
             epoch_loss += loss
@@ -357,6 +386,7 @@ def _run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None =
             logger.add_image("recon", panel, step)
         if last or stopping or done % cfg.checkpoint_every == 0:
             rng = _gather(fabric, capture_rng(mask_gen))
+            masking_state = _gather(fabric, masker.state_dict())  # per rank, as the mask generators
             if zero:
                 save_checkpoint(ckpt_file, {
                     "config": cfg.model_dump(mode="json"), "epoch": done, "step": step, "world_size": world,
@@ -364,7 +394,7 @@ def _run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None =
                     "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                     "precision": fabric.strategy.precision.state_dict(), "data_order": sampler.state_dict(),
-                    "rng": rng}, out=out)
+                    "rng": rng, "masking": masking_state}, out=out)
             fabric.barrier()
         if stopping:
             break
@@ -384,6 +414,7 @@ def _run(fabric, cfg: PretrainConfig, progress=None, stop_at_epoch: int | None =
             "lr": peak_lr, "lr_rule": lr_rule, "optimizer": cfg.optimizer, "precision": cfg.precision,
             "masking": cfg.masking.strategy, "mask_grid": list(grid),  # (h, w) cells the masker drew on
             "roi_stats": data.roi_stats, "init": init_info,
+            "saliency_stats": data.saliency_stats or None, "mask_ratios": _mean_ratios(rows, cfg),
             "warnings": run_warnings, "notes": notes,
             "first_loss": rows[0]["loss"] if rows else None, "final_loss": last_row.get("loss"),
             "seconds": time.perf_counter() - t0,

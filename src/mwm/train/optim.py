@@ -18,7 +18,8 @@ Pretraining schedule (:func:`build_pretrain_scheduler`): SparK's ``lr_wd_anneali
 The last step runs at ``f · peak`` and ``wd_end``. The weight decay applies to the decaying group only
 (biases, norms, tokens stay at 0, as SparK's ``weight_decay_scale`` 0).
 
-Transfer tasks keep :func:`build_scheduler` (warmup ``(t+1)/W``, cosine to ``final_ratio`` at ``T``).
+Transfer tasks' :func:`build_scheduler` (warmup ``(t+1)/W``, cosine to ``final_ratio`` at ``T``) lives in
+:mod:`mwm.engine.schedules` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import math
 import torch
 from torch import nn
 
+from ..engine.schedules import build_scheduler, lr_factor  # noqa: F401  (transfer's, re-exported)
 from .config import PretrainConfig
 
 __all__ = ["effective_batch", "resolve_lr", "param_groups", "build_optimizer", "lr_factor", "build_scheduler",
@@ -88,33 +90,7 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig, world_size: int) -> t
     return opt, lr, rule
 
 
-# -- transfer tasks' schedule ------------------------------------------------------------------------------------
-
-def lr_factor(step: int, total: int, warmup: int, final_ratio: float = 0.0) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup ``(step+1)/warmup`` for
-    ``step < warmup`` (never 0, so the first step learns), then cosine from 1 to ``final_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    t = min(1.0, (step - warmup) / span)
-    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-class _Factor:
-    """A picklable lr lambda (LambdaLR stores callable objects' state in its state_dict)."""
-
-    def __init__(self, total: int, warmup: int, final_ratio: float):
-        self.total, self.warmup, self.final_ratio = total, warmup, final_ratio
-
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, self.total, self.warmup, self.final_ratio)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                    final_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step warmup + cosine as a LambdaLR (stepped once per optimizer step); used by the transfer tasks."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(total_steps, warmup_steps, final_ratio))
-
+# -- transfer tasks' schedule: mwm.engine.schedules (re-exported here) -------------------------------------------
 
 # -- the pretraining schedule (SparK's lr_wd_annealing) ---------------------------------------------------------
 

@@ -28,14 +28,9 @@ __all__ = ["PretrainConfig", "AugmentConfig", "pretrain", "make_fabric"]
 
 def make_fabric(cfg: PretrainConfig):
     """A Lightning Fabric for the config's hardware options; a bad combination is an :class:`MWMError`."""
-    from lightning.fabric import Fabric
+    from ..engine.runtime import make_fabric as fabric_for
 
-    try:
-        return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                      strategy=cfg.strategy, precision=cfg.precision)
-    except Exception as e:  # Fabric raises ValueError/RuntimeError/MisconfigurationException for these
-        raise MWMError(f"cannot run on accelerator={cfg.accelerator} devices={cfg.devices} num_nodes={cfg.num_nodes} "
-                       f"strategy={cfg.strategy} precision={cfg.precision}: {e}") from e
+    return fabric_for(cfg.accelerator, cfg.devices, cfg.num_nodes, cfg.strategy, cfg.precision)
 
 
 def pretrain(cfg: PretrainConfig, progress=None, *, stop_at_epoch: int | None = None, hook=None) -> dict:

@@ -34,19 +34,24 @@ def vstack(rows: list[np.ndarray], gap: int = 4) -> np.ndarray:
 class ReconSet:
     """A fixed preview batch: x (K, 3, S, S) float in [0, 1] (un-normalized), boxes (K, M, 4), valid (K, M),
     and the keep-mask (K, 1, h, w) drawn once at the model's mask grid (so the PNG shows the cells the masker
-    drew, e.g. 8-px cells with ``mask_stride: 8``)."""
+    drew, e.g. 8-px cells with ``mask_stride: 8``). ``saliency``: uint8 (N, S, S) maps of all images, given to
+    the saliency maskers as ``importance`` (the previews are not augmented, so the maps stay as loaded)."""
 
     def __init__(self, images: np.ndarray, boxes: list[np.ndarray], k: int, masker, grid: tuple[int, int],
-                 seed: int, has_rois: bool):
+                 seed: int, has_rois: bool, saliency: np.ndarray | None = None):
         from .data import collate
 
         n = len(images)
         idx = np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
         self.x, self.boxes, self.valid = collate([(torch.from_numpy(images[i]).float() / 255.0,
                                                    torch.from_numpy(boxes[i])) for i in idx])
+        from ..masking import MaskingBatch
+
+        importance = None if saliency is None else torch.from_numpy(saliency[idx]).float() / 255.0
         g = torch.Generator().manual_seed(seed + 7919)  # own stream: previews never shift the training RNG
-        self.keep, _ = masker(batch=len(idx), grid=grid, boxes=self.boxes if has_rois else None,
-                              valid=self.valid if has_rois else None, generator=g)
+        self.keep, _ = masker(MaskingBatch(batch_size=len(idx), grid=grid, generator=g, images=self.x,
+                                           boxes=self.boxes if has_rois else None,
+                                           valid=self.valid if has_rois else None, importance=importance))
         self.box_lists = [[b.tolist() for b, v in zip(bs, vs) if v] for bs, vs in zip(self.boxes, self.valid)]
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Literal
@@ -54,16 +53,16 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ..data.types import ReadOptions
+from ..engine import Precision, build_scheduler, device_fabric, seed_all
 from ..errors import DataError, MWMError
+from .config import TransferConfig
+from .results import TaskMetrics
 from .selection import BestOnVal
 
 __all__ = ["FinetuneConfig", "finetune", "MODE_DEFAULTS", "METRIC_KEYS", "extract_features", "classification_metrics",
            "stratified_subset"]
-
-Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
 
 # Hyper-parameters left unset take the mode's value (the resolved values are what OUT/config.yaml records).
 MODE_DEFAULTS: dict[str, dict] = {
@@ -77,30 +76,15 @@ METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "confusion_
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr")
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(TransferConfig):
     """Classification transfer: ``mode`` linear (frozen encoder, linear head on cached features) or full
     (everything trained). Unset ``epochs``/``lr``/``weight_decay``/``label_smoothing``/``patience`` take the
-    mode's defaults (:data:`MODE_DEFAULTS`)."""
+    mode's defaults (:data:`MODE_DEFAULTS`). Shared options: :class:`~mwm.transfer.config.TransferConfig`."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    # -- data --------------------------------------------------------------------------------------------------
-    data: Path = Field(description="labelled images: npz with labels (and split), ImageFolder, CSV with labels")
-    out: Path = Field(description="output folder: metrics.json, config.yaml, history.csv, model.pth(.json), "
-                                  "features.npz (linear)")
-    size: int | None = Field(default=None, ge=8, description="input side in pixels; default: the encoder's "
-                                                            "pretraining size (encoder.json), else 64")
-    resize: Literal["pad", "stretch", "crop"] = "pad"
-    read: ReadOptions = ReadOptions()
     train_limit: int | None = Field(default=None, ge=1, description="only N training images, a seeded class-"
                                                                    "stratified subset (label-efficiency runs); "
                                                                    "val/test stay whole")
-    # -- model -------------------------------------------------------------------------------------------------
-    weights: str = Field(description="RUN/encoder.pth, RUN/, 'none' (random init) or 'timm' (hub, online)")
-    arch: str | None = Field(default=None, description="timm name; default: from encoder.json beside the weights")
     mode: Literal["linear", "full"] = "linear"
-    # -- optimisation ------------------------------------------------------------------------------------------
-    batch_size: int = Field(default=64, ge=1, description="images per step (full) and per extraction batch")
     epochs: int | None = Field(default=None, ge=1, description="full: passes over train; linear: L-BFGS "
                                                               "iterations")
     lr: float | None = Field(default=None, gt=0, description="full: peak lr (the head's; earlier blocks get "
@@ -125,11 +109,6 @@ class FinetuneConfig(BaseModel):
     probe_grid: list[float] = Field(default_factory=lambda: [10.0 ** (e / 2) for e in range(2, -11, -1)],
                                     min_length=1, description="linear sweep: L2 strengths (wd/2 · ‖W‖² on the "
                                     "mean loss), tried from the largest; default 10 … 1e-5 in half decades")
-    patience: int | None = Field(default=None, ge=0, description="stop after this many epochs/steps without a "
-                                                                 "better val score (0: never stop early)")
-    seed: int = Field(default=0, ge=0)
-    # -- hardware ----------------------------------------------------------------------------------------------
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, gpu, mps (one device)")
     precision: Precision = "32-true"
 
     @field_validator("crop_scale")
@@ -137,14 +116,6 @@ class FinetuneConfig(BaseModel):
     def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not (0 < v[0] <= v[1] <= 1):
             raise ValueError(f"need 0 < low <= high <= 1 (fractions of the image area), got {v}")
-        return v
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        v = v.strip().lower()
-        if ":" in v and not v.split(":", 1)[1].isdigit():
-            raise ValueError(f"a device is 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got '{v}'")
         return v
 
     @model_validator(mode="after")
@@ -156,27 +127,6 @@ class FinetuneConfig(BaseModel):
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _make_fabric(cfg: FinetuneConfig):
-    from lightning.fabric import Fabric
-
-    acc, devices = cfg.device, 1
-    if ":" in acc:
-        acc, idx = acc.split(":", 1)
-        devices = [int(idx)]
-    try:
-        fabric = Fabric(accelerator=acc, devices=devices, precision=cfg.precision)
-        fabric.launch()
-    except Exception as e:
-        raise MWMError(f"cannot run on device={cfg.device} precision={cfg.precision}: {e}") from e
-    return fabric
-
 
 def _stat(path: Path) -> list:
     """Path, size and mtime of a file, or of every file under a folder (a cheap change detector)."""
@@ -284,22 +234,10 @@ def _class_weight(y: torch.Tensor, k: int, mode: str, device) -> torch.Tensor | 
 
 def _augment(x: torch.Tensor, scale: tuple[float, float], hflip: float, g: torch.Generator) -> torch.Tensor:
     """Batched random resized crop (area fraction in ``scale``, aspect in (3/4, 4/3), inside the image) and
-    horizontal flip of float images (B, C, H, W), one affine resampling for the whole batch."""
-    b = x.shape[0]
-    dev = x.device
-    u = torch.rand(b, 5, generator=g, device=dev)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
-    cw = (area * log_r.exp()).sqrt().clamp(max=1.0)
-    ch = (area / log_r.exp()).sqrt().clamp(max=1.0)
-    cx = (2 * u[:, 2] - 1) * (1 - cw)
-    cy = (2 * u[:, 3] - 1) * (1 - ch)
-    sign = torch.where(u[:, 4] < hflip, -1.0, 1.0).to(x.dtype)
-    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 2] = cw * sign, cx
-    theta[:, 1, 1], theta[:, 1, 2] = ch, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    horizontal flip of float images (B, C, H, W): :func:`mwm.data.paired.paired_crop_flip` without a mask."""
+    from ..data.paired import paired_crop_flip
+
+    return paired_crop_flip(x, generator=g, scale=scale, ratio=(3 / 4, 4 / 3), hflip=hflip)[0]
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
@@ -411,7 +349,6 @@ def finetune(cfg: FinetuneConfig, progress=None) -> dict:
     ``end``.
     """
     from ..config import save_config
-    from ..io import atomic_write_text
     from ..weights import resolve_weights
 
     t0 = time.perf_counter()
@@ -429,7 +366,7 @@ def finetune(cfg: FinetuneConfig, progress=None) -> dict:
     save_config(cfg, out / "config.yaml")
 
     emit = progress or (lambda *a: None)
-    fabric = _make_fabric(cfg)
+    fabric = device_fabric(cfg.device, cfg.precision)
     device = fabric.device
     mean, std = spec.normalizer(device)
 
@@ -444,7 +381,7 @@ def finetune(cfg: FinetuneConfig, progress=None) -> dict:
         else:
             data, label_names = _load(cfg, progress)
         k = len(label_names)
-        _seed_all(cfg.seed)
+        seed_all(cfg.seed)
         model = _build(spec, k)
         if feats is None:
             model = model.to(device)
@@ -463,7 +400,7 @@ def finetune(cfg: FinetuneConfig, progress=None) -> dict:
     else:
         data, label_names = _load(cfg, progress)
         k = len(label_names)
-        _seed_all(cfg.seed)
+        seed_all(cfg.seed)
         model = _build(spec, k)
         result = _full(cfg, model, data, k, fabric, mean, std, emit)
         n = {s: len(data[s].y) for s in ("train", "val", "test")}
@@ -482,7 +419,7 @@ def finetune(cfg: FinetuneConfig, progress=None) -> dict:
         **({"probe": cfg.probe, "probe_weight_decay": result["weight_decay"]}
            if cfg.mode == "linear" and cfg.probe == "sweep" else {}),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    TaskMetrics.model_validate(metrics).save(out / "metrics.json")
     emit("end", result["epochs_run"], cfg.epochs, metrics)
     return metrics
 
@@ -645,8 +582,6 @@ def _predict(model, split: _Split, fabric, mean, std, batch_size: int) -> torch.
 
 def _full(cfg: FinetuneConfig, raw, data: dict[str, _Split], k: int, fabric, mean, std, emit) -> dict:
     from timm.optim import create_optimizer_v2
-
-    from ..train.optim import build_scheduler
 
     device = fabric.device
     tr = data["train"]

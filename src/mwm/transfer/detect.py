@@ -27,7 +27,10 @@ The paper's Table 4 setting (Mask R-CNN, box AP / AP75 / mask AP on Br35H), scal
   mask is a negative image (no boxes). Images without a valid mask are not used.
 * Optimizer: SGD (momentum 0.9, weight decay 1e-4, lr 0.02 × batch / 16: the Detectron2/torchvision reference)
   or AdamW; linear warmup from 0.001 × lr, then ×0.1 steps at 2/3 and 8/9 of training (the "1x" schedule's
-  shape) or cosine. Horizontal flips move image, boxes and masks together.
+  shape) or cosine (:func:`mwm.engine.schedules.lr_factor` with ``warmup_start=0.001``). Horizontal flips move
+  image, boxes and masks together (:func:`mwm.data.paired.hflip_instances`).
+* Runtime: one device through Lightning Fabric (:func:`mwm.engine.device_fabric`, fp32 ``32-true``), like the
+  other tasks; ``device: auto`` picks CUDA when present, else the CPU (not MPS).
 * Selection: box AP on ``val`` (images with masks) every ``eval_every`` epochs; the best weights are restored
   before testing; ``patience`` evaluations without improvement stop early.
 * Metrics on ``test`` (images with masks): COCO box/mask AP, AP50, AP75 (torchmetrics ``MeanAveragePrecision``
@@ -38,7 +41,6 @@ Writes OUT/config.yaml, OUT/metrics.json, OUT/examples.png and (``save_model``) 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -47,11 +49,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ..data.types import ReadOptions
+from ..data.paired import hflip_instances
+from ..engine import build_scheduler, device_fabric, lr_factor, seed_all
 from ..errors import DataError, MWMError
 from ..weights import BackboneSpec, resolve_weights
+from .config import TransferConfig
+from .results import TaskMetrics
 from .selection import BestOnVal
 
 __all__ = ["DetectConfig", "detect", "mask_to_instances", "resnet_backbone", "build_model", "detection_metrics",
@@ -79,13 +84,10 @@ def check_arch(arch: str) -> str:
     return base
 
 
-class DetectConfig(BaseModel):
-    """Mask R-CNN transfer (see the module docstring for the defaults' sources)."""
+class DetectConfig(TransferConfig):
+    """Mask R-CNN transfer (see the module docstring for the defaults' sources); shared options:
+    :class:`~mwm.transfer.config.TransferConfig`."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    data: Path = Field(description="images with masks: .npz with 'masks' (+ 'mask_valid'), or a folder with masks")
-    out: Path = Field(description="output folder: metrics.json, config.yaml, examples.png, model.pth")
     weights: str = Field(default="none", description="RUN/encoder.pth, RUN/, none (random init) or timm (hub)")
     arch: str | None = Field(default=None, description="ResNet name; default: from encoder.json, else resnet18")
     size: int = Field(default=128, ge=32, le=2048, description="image side in pixels (the model keeps it)")
@@ -123,10 +125,6 @@ class DetectConfig(BaseModel):
     examples: int = Field(default=6, ge=0, description="test images in examples.png")
     save_model: bool = Field(default=True, description="write OUT/model.pth (the selected detector's state dict)")
     log_every: int = Field(default=10, ge=1, description="steps between progress updates")
-    seed: int = 0
-    device: str = Field(default="auto", description="auto (cuda if available), cpu, cuda, cuda:1, mps")
-    read: ReadOptions = Field(default_factory=ReadOptions)
-    resize: Literal["pad", "stretch", "crop"] = "pad"
 
     @field_validator("arch")
     @classmethod
@@ -143,16 +141,6 @@ class DetectConfig(BaseModel):
     def _steps(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         if any(not 0 < s < 1 for s in v) or list(v) != sorted(v):
             raise ValueError(f"lr_steps are increasing fractions in (0, 1); got {v}")
-        return v
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if v != "auto":
-            try:
-                torch.device(v)
-            except (RuntimeError, ValueError) as e:
-                raise ValueError(f"not a torch device: {e}") from None
         return v
 
     @model_validator(mode="after")
@@ -207,12 +195,7 @@ def _targets(masks: np.ndarray, idx: np.ndarray, min_area: int) -> list[dict[str
     return out
 
 
-def _hflip(img: torch.Tensor, tgt: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Flip an image (C, H, W) and its target left–right together."""
-    w = img.shape[-1]
-    boxes = tgt["boxes"].clone()
-    boxes[:, 0], boxes[:, 2] = w - tgt["boxes"][:, 2], w - tgt["boxes"][:, 0]
-    return img.flip(-1), {"boxes": boxes, "labels": tgt["labels"], "masks": tgt["masks"].flip(-1)}
+_hflip = hflip_instances  # image, boxes and masks flipped together (mwm.data.paired)
 
 
 # -- model ------------------------------------------------------------------------------------------------------
@@ -331,26 +314,14 @@ def detection_metrics(preds: list[dict], targets: list[dict]) -> dict[str, float
 
 # -- training ---------------------------------------------------------------------------------------------------
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MWMError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise MWMError(f"--device {name}: MPS is not available here; use --device cpu")
-    return dev
-
-
 def _lr_factor(cfg: DetectConfig, step: int, total: int) -> float:
-    warm = min(cfg.warmup_iters, total // 3)
-    if step < warm:
-        a = step / warm
-        return 0.001 * (1 - a) + a
-    if cfg.schedule == "cosine":
-        t = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * t))
-    return 0.1 ** sum(step >= int(f * total) for f in cfg.lr_steps)
+    """Detection's lr multiplier: linear warmup from 0.001 over ``warmup_iters`` (at most a third of the steps),
+    then ×0.1 at each ``lr_steps`` fraction (``schedule: step``) or cosine to 0."""
+    return lr_factor(step, total, min(cfg.warmup_iters, total // 3), **_schedule_variant(cfg))
+
+
+def _schedule_variant(cfg: DetectConfig) -> dict:
+    return {"warmup_start": 0.001, "decay": cfg.schedule, "milestones": cfg.lr_steps}
 
 
 @torch.no_grad()
@@ -397,14 +368,16 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
     ``epoch`` (loss, val metrics when evaluated), ``test``, ``end``. Returns the metrics (also OUT/metrics.json).
     """
     from ..config import save_config
-    from ..io import atomic_write_text
     from .data import load_labelled
 
     t0 = time.perf_counter()
     say = progress or (lambda *a: None)
     spec = resolve_weights(cfg.weights, cfg.arch)
     check_arch(spec.arch)
-    device = _device(cfg.device)
+    # Fabric at 32-true on one device: .to(device) and backward() as before (detection runs in fp32); auto picks
+    # cuda else cpu (torchvision's detection ops are not all on MPS)
+    fabric = device_fabric(cfg.device, "32-true", auto="cuda_or_cpu")
+    device = fabric.device
     data = load_labelled(cfg.data, cfg.size, read=cfg.read, resize=cfg.resize, need_labels=False, need_masks=True,
                          seed=cfg.seed)
     tr = data.indices("train", with_masks=True)[:cfg.train_limit]
@@ -417,14 +390,15 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out / "config.yaml")
 
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     tr_t = _targets(data.masks, tr, cfg.min_area)
     va_t = _targets(data.masks, va, cfg.min_area)
     te_t = _targets(data.masks, te, cfg.min_area)
     model = build_model(spec, cfg.size, trainable_layers=cfg.trainable_layers, norm=cfg.norm,
                         roi_batch_size=cfg.roi_batch_size, detections_per_image=cfg.detections_per_image,
-                        proposals_train=cfg.proposals_train, proposals_test=cfg.proposals_test).to(device)
+                        proposals_train=cfg.proposals_train, proposals_test=cfg.proposals_test)
+    raw = model
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.peak_lr()
     if cfg.optimizer == "sgd":
@@ -433,7 +407,8 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s, total))
+    sched = build_scheduler(opt, total, min(cfg.warmup_iters, total // 3), **_schedule_variant(cfg))
+    model, opt = fabric.setup(raw, opt)
     n_inst = sum(len(t["boxes"]) for t in tr_t)
     say("start", 0, total, {"n_train": len(tr), "n_val": len(va), "n_test": len(te), "instances": n_inst,
                             "steps_per_epoch": steps_per_epoch, "lr": lr, "device": str(device), "arch": spec.arch,
@@ -459,7 +434,7 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
             losses = model(imgs, tgts)
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            fabric.backward(loss)
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
             opt.step()
@@ -488,7 +463,7 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
         if len(va) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             vm = detection_metrics(_predict(model, data.images, va, cfg.batch_size, device), va_t)
             row.update({f"val_{k}": v for k, v in vm.items()})
-            keep.update(vm["box_ap"] if vm["box_ap"] is not None else -1.0, epoch, model)
+            keep.update(vm["box_ap"] if vm["box_ap"] is not None else -1.0, epoch, raw)
             stop = keep.should_stop
         row["seconds"] = time.perf_counter() - te0
         history.append(row)
@@ -497,7 +472,7 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
             break
     epochs_done = epoch - 1 if diverged else epoch
     # no val images with masks: nothing was selected and the last epoch is the model
-    best_epoch = keep.best_epoch if keep.restore(model) else epochs_done
+    best_epoch = keep.best_epoch if keep.restore(raw) else epochs_done
 
     preds = _predict(model, data.images, te, cfg.batch_size, device)
     metrics = detection_metrics(preds, te_t)
@@ -509,7 +484,7 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
         from ..io import atomic_path
 
         with atomic_path(cfg.out / "model.pth", suffix=".pth") as tmp:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+            torch.save({k: v.detach().cpu() for k, v in raw.state_dict().items()}, tmp)
     summary = {**metrics, "n_train": len(tr), "n_val": len(va), "n_test": len(te),
                "test_instances": sum(len(t["boxes"]) for t in te_t), "train_instances": n_inst,
                "best_epoch": best_epoch, "best_val_box_ap": keep.best if keep.state is not None and len(va) else None,
@@ -518,6 +493,6 @@ def detect(cfg: DetectConfig, progress=None) -> dict:
                "seconds": time.perf_counter() - t0, "arch": spec.arch, "weights": spec.source,
                "norm": "frozen_bn" if _norm_layer(spec, cfg.norm).__name__ == "FrozenBatchNorm2d" else "bn",
                "device": str(device), "size": cfg.size, "out": str(cfg.out), "history": history}
-    atomic_write_text(cfg.out / "metrics.json", json.dumps(summary, indent=2))
+    TaskMetrics.model_validate(summary).save(cfg.out / "metrics.json")
     say("end", epochs_done, cfg.epochs, summary)
     return summary

@@ -29,53 +29,45 @@ red), OUT/model.pt (reload with :func:`load_segmenter`).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 from torch import nn
 
-from ..data.types import ReadOptions
+from ..data.paired import paired_crop_flip
+from ..engine import Precision, build_scheduler, device_fabric, seed_all
 from ..errors import DataError, MWMError
 from ..train.config import AugmentConfig
 from ..weights import BackboneSpec, create_backbone, resolve_weights
+from .config import TransferConfig
+from .results import TaskMetrics
 from .selection import BestOnVal
 
 __all__ = ["SegmentConfig", "segment", "UNetDecoder", "SegmentationModel", "build_model", "load_segmenter",
            "segmentation_loss", "overlap_counts", "summarize", "paired_augment", "EMPTY_RULE"]
 
 EMPTY_RULE = "per-image Dice/IoU = 1 when ground truth and prediction are both empty, 0 when only one is"
-Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
 
 
-class SegmentConfig(BaseModel):
-    """Everything ``mwm segment`` does, typed and validated (``extra="forbid"``)."""
-
-    model_config = ConfigDict(extra="forbid")
+class SegmentConfig(TransferConfig):
+    """Everything ``mwm segment`` does, typed and validated (``extra="forbid"``); shared options:
+    :class:`~mwm.transfer.config.TransferConfig`."""
 
     # -- data --------------------------------------------------------------------------------------------------
-    data: Path = Field(description="labelled images with masks: .npz with 'masks' (+ 'mask_valid'), or a folder "
-                                   "with a mask folder")
-    out: Path = Field(description="output folder: metrics.json, config.yaml, examples.png, model.pt")
     size: int | None = Field(default=None, ge=16, description="input side in pixels; default: the encoder's "
                                                               "pretraining size (encoder.json), else 64")
-    resize: Literal["pad", "stretch", "crop"] = "pad"
-    read: ReadOptions = ReadOptions()
     include_empty: bool = Field(default=True, description="train also on images whose (valid) mask is empty")
     train_limit: int | None = Field(default=None, ge=2, description="train on the first N training images with a "
                                                                     "valid mask (label-efficiency runs)")
     augment: AugmentConfig = AugmentConfig()
     # -- model -------------------------------------------------------------------------------------------------
-    weights: str = Field(description="RUN/encoder.pth, RUN/, 'none' (random init) or 'timm' (hub, online)")
-    arch: str | None = Field(default=None, description="timm name; default: from encoder.json beside the weights")
     decoder_channels: int = Field(default=256, ge=8, description="width of the coarsest decoder block; halves per "
                                                                  "block, down to 16")
     freeze_encoder: bool = Field(default=False, description="train the decoder only (encoder weights and BN "
@@ -93,18 +85,9 @@ class SegmentConfig(BaseModel):
     patience: int | None = Field(default=10, ge=0, description="stop after this many epochs without a better "
                                                                "val Dice (0 or None: run all epochs)")
     # -- hardware and bookkeeping ------------------------------------------------------------------------------
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, gpu, mps (one device)")
     precision: Precision = "32-true"
-    seed: int = Field(default=0, ge=0)
     examples: int = Field(default=6, ge=0, description="test images in examples.png (0: none)")
     save_model: bool = Field(default=True, description="write OUT/model.pt (the best model)")
-
-    @field_validator("weights")
-    @classmethod
-    def _weights(cls, v: str) -> str:
-        if not str(v).strip():
-            raise ValueError("give RUN/encoder.pth, RUN/, none or timm")
-        return str(v)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -270,28 +253,9 @@ def summarize(counts: torch.Tensor) -> dict:
 def paired_augment(x: torch.Tensor, m: torch.Tensor, generator: torch.Generator | None = None,
                    scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                    hflip: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random resized crop (+ horizontal flip) for each image and its mask, batched on x's device.
-
-    x: float (B, C, H, W); m: float (B, 1, H, W). Each sample draws an area fraction in ``scale`` and an aspect
-    ratio (log-uniform) in ``ratio`` (clipped to the image), a position inside the image and a flip with
-    probability ``hflip``; the crop is resampled to H × W (bilinear for x, nearest for m, so masks stay binary).
-    The parameters come from ``generator`` on the CPU (a few numbers per sample, no device sync).
-    """
-    B = x.shape[0]
-    u = torch.rand(B, 5, generator=generator)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    aspect = torch.exp(log_r)
-    w = torch.sqrt(area * aspect).clamp(max=1.0)
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (2 * u[:, 2] - 1) * (1 - w)
-    cy = (2 * u[:, 3] - 1) * (1 - h)
-    sx = torch.where(u[:, 4] < hflip, -w, w)
-    zero = torch.zeros_like(w)
-    theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    m = F.grid_sample(m.to(x.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    """The same random resized crop (+ horizontal flip) for each image (B, C, H, W) and its mask (B, 1, H, W):
+    :func:`mwm.data.paired.paired_crop_flip` (bilinear for x, nearest for m, so masks stay binary)."""
+    x, m, _, _ = paired_crop_flip(x, m, generator=generator, scale=scale, ratio=ratio, hflip=hflip)
     return x, m
 
 
@@ -339,25 +303,6 @@ def _splits(data, cfg: SegmentConfig) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return tr, va, te, fg
 
 
-def _make_fabric(cfg: SegmentConfig):
-    """One device: ``device`` is a Fabric accelerator, optionally with an index (``cuda:1``)."""
-    from ..train.pretrain import make_fabric
-
-    acc, devices = cfg.device, 1
-    if ":" in acc:
-        acc, idx = acc.split(":", 1)
-        if not idx.isdigit():
-            raise MWMError(f"device {cfg.device!r}: expected e.g. cuda:1")
-        devices = [int(idx)]
-    fabric = make_fabric(SimpleNamespace(accelerator=acc, devices=devices, num_nodes=1, strategy="auto",
-                                         precision=cfg.precision))
-    try:
-        fabric.launch()
-    except Exception as e:
-        raise MWMError(f"cannot run on device={cfg.device} precision={cfg.precision}: {e}") from e
-    return fabric
-
-
 def segment(cfg: SegmentConfig, progress=None) -> dict:
     """Train the segmenter, select it on val, evaluate it on test; returns the metrics (also OUT/metrics.json).
 
@@ -366,8 +311,6 @@ def segment(cfg: SegmentConfig, progress=None) -> dict:
     "epoch" (info: epoch, epochs, loss, val_dice, best_epoch, seconds), "end" (info = the metrics).
     """
     from ..config import save_config
-    from ..io import atomic_write_text
-    from ..train.optim import build_scheduler
     from .data import load_labelled
 
     t0 = time.perf_counter()
@@ -383,10 +326,9 @@ def segment(cfg: SegmentConfig, progress=None) -> dict:
     pretrained = spec.state_dict is not None or spec.hub
     enc_scale = 0.0 if cfg.freeze_encoder else (cfg.encoder_lr_scale if cfg.encoder_lr_scale is not None
                                                  else (0.1 if pretrained else 1.0))
-    fabric = _make_fabric(cfg)
+    fabric = device_fabric(cfg.device, cfg.precision)
     dev = fabric.device
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    seed_all(cfg.seed)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -503,7 +445,7 @@ def segment(cfg: SegmentConfig, progress=None) -> dict:
         files["model"] = str(out / "model.pt")
     metrics["files"] = files
     metrics["seconds"] = time.perf_counter() - t0
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    TaskMetrics.model_validate(metrics).save(out / "metrics.json")
     emit("end", 0, None, metrics)
     return metrics
 
