@@ -173,3 +173,21 @@ def test_tune_on_br35h_val(tiny_vlm, tmp_path):
     annotated_val = set(z["filenames"][(z["split"] == "val") & z["mask_valid"]].tolist())
     assert set(s["images"]) <= annotated_val  # val images with a mask (br35h's official Mask-RCNN VAL)
     assert (tmp_path / "br" / "best.yaml").is_file()
+
+
+@pytest.mark.parametrize("reduce", ["mean", "median"])
+def test_ensemble_prompt_is_tuned_as_localize_ensembles_it(phantoms_npz, tiny_vlm, tmp_path, reduce):
+    """An ensemble prompt "a;b;c" is tuned on the maps `mwm localize` makes of it (each member embedded once, maps
+    combined by `ensemble`), not on the embedding of the literal string "a;b;c"; best.yaml carries the mode."""
+    prompt = "bright lesion;a lesion;dark lesion"
+    out = tmp_path / "t"
+    tune(_cfg(phantoms_npz, out, tiny_vlm, prompt=prompt, ensemble=reduce, n=100), log=lambda *_: None)
+    row = _rows(out)[0]
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["prompt"] == prompt and best.get("ensemble", "mean") == reduce
+    cfg = LocalizeConfig(data=phantoms_npz, out=tmp_path / "loc", split="val", device="cpu", gallery=0,
+                         **{k: v for k, v in best.items() if k not in ("data", "out")})
+    localize(cfg, log=lambda *_: None)
+    with pytest.warns(UserWarning):
+        s = evaluate_manifest(cfg.out / "rois.jsonl", phantoms_npz).summary
+    assert round(s["dice"], 4) == pytest.approx(float(row["dice"]), abs=1e-4)

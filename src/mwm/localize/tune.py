@@ -40,9 +40,9 @@ from ..data import ReadOptions, open_source
 from ..data.transforms import Fit, to_tensor
 from ..errors import DataError
 from ..io import atomic_write_text, lock_folder
-from .m2ib import M2IBConfig, m2ib_saliency, resolve_layer
+from .m2ib import M2IBConfig, resolve_layer
 from .metrics import GroundTruth, evaluate_manifest, load_ground_truth, strip_ext
-from .pipeline import LocalizeConfig, pick_device, prompt_resolver
+from .pipeline import LocalizeConfig, batch_saliency, pick_device, prompt_embeddings, prompt_resolver
 from .postprocess import (BinarizeMethod, BoxMode, binarize, expand_boxes, largest_components, mask_to_boxes,
                           require_crf)
 
@@ -73,6 +73,8 @@ class TuneConfig(BaseModel):
     gt: Path | None = Field(default=None, description="masks (npz with masks + mask_valid, or a folder); default: data")
     prompt: str | None = None
     prompts_file: Path | None = Field(default=None, description="JSON: {image id or class name: prompt}")
+    ensemble: Literal["mean", "median"] = Field(default="mean", description="how the maps of an ensemble prompt "
+                                                "'a;b;c' are combined, as in `mwm localize`")
     vlm: str = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
     vlm_pretrained: str | None = None
     split: str | None = Field(default="val", description="tuning images come from this split")
@@ -150,14 +152,15 @@ def select_images(ids: list[str], candidates: list[int], gt: GroundTruth, n: int
 @dataclass
 class TuneImages:
     """The tuning images as the VLM sees them: ``images01`` (N, 3, S, S) in [0, 1] (for the CRF),
-    ``pixels`` (N, 3, S, S) preprocessed, ``text`` (N, E) prompt embeddings, plus ids, sizes and fits."""
+    ``pixels`` (N, 3, S, S) preprocessed, ``text`` the embedding of every prompt (ensemble member), plus ids,
+    sizes, fits and each image's (ensemble) prompt."""
 
     ids: list[str]
     sizes: list[tuple[int, int]]
     fits: list[Fit]
     images01: torch.Tensor
     pixels: torch.Tensor
-    text: torch.Tensor
+    text: dict[str, torch.Tensor]
     prompts: list[str]
     size: int
 
@@ -179,19 +182,20 @@ def prepare_images(src, idx: list[int], vlm, cfg: TuneConfig, device) -> TuneIma
         imgs.append(to_tensor(s.image, size, 3, cfg.resize))
         prompts.append(resolve(s.id, src.labels[i]))
     images01 = torch.stack(imgs).to(device)
-    distinct = sorted(set(prompts))
-    emb = dict(zip(distinct, vlm.encode_text(distinct)))
-    text = torch.stack([emb[p] for p in prompts]).to(device)
+    text = prompt_embeddings(vlm, prompts)
     return TuneImages(ids, sizes, fits, images01, vlm.preprocess(images01), text, prompts, size)
 
 
-def saliency_maps(vlm, ti: TuneImages, m2ib: M2IBConfig, batch_size: int, progress=None) -> torch.Tensor:
+def saliency_maps(vlm, ti: TuneImages, m2ib: M2IBConfig, batch_size: int, progress=None,
+                  reduce: str = "mean") -> torch.Tensor:
     """M2IB saliency (N, S, S) of every tuning image for one setting, in batches, keyed by image id as
-    `mwm localize` keys them (so the noise, hence the map, is the one `mwm localize` gets)."""
+    `mwm localize` keys them (so the noise, hence the map, is the one `mwm localize` gets; an ensemble prompt
+    ``a;b`` is combined by ``reduce`` as there)."""
     out = []
     for b0 in range(0, len(ti.ids), batch_size):
         sl = slice(b0, b0 + batch_size)
-        res = m2ib_saliency(vlm.stages, ti.pixels[sl], ti.text[sl], m2ib, keys=ti.ids[sl], out_size=(ti.size, ti.size))
+        res = batch_saliency(vlm, ti.pixels[sl], ti.prompts[sl], ti.ids[sl], ti.text, m2ib, reduce=reduce,
+                             out_size=(ti.size, ti.size))
         out.append(res.saliency)
         if progress is not None:
             progress(len(ti.ids[sl]))
@@ -266,6 +270,8 @@ def best_localize_fragment(cfg: TuneConfig, best: dict) -> dict:
         frag["prompt"] = cfg.prompt
     if cfg.prompts_file is not None:
         frag["prompts_file"] = str(Path(cfg.prompts_file).resolve())
+    if cfg.ensemble != "mean":
+        frag["ensemble"] = cfg.ensemble
     frag["m2ib"] = cfg.m2ib.model_copy(update={"layer": int(best["layer"]), "beta": float(best["beta"])}).model_dump(mode="json")
     frag.update(binarize=best["binarize"], components=int(best["components"]), box_mode=best["box_mode"],
                 expand=float(best["expand"]), resize=cfg.resize, read=cfg.read.model_dump(mode="json"))
@@ -352,7 +358,7 @@ def tune(cfg: TuneConfig, progress=None, log=None) -> dict:
         for layer, beta in itertools.product(layers, cfg.betas):
             t1 = time.perf_counter()
             m2 = cfg.m2ib.model_copy(update={"layer": layer, "beta": beta})
-            sal = saliency_maps(vlm, ti, m2, cfg.batch_size, progress)
+            sal = saliency_maps(vlm, ti, m2, cfg.batch_size, progress, reduce=cfg.ensemble)
             t_sal = time.perf_counter() - t1
             part = score_postprocessing(sal, ti, gt, cfg)
             for r in part:
