@@ -168,7 +168,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
 
 def _report(cfg: DemoConfig, out: Path, ph, vm: dict, ls: dict, es: dict, runs: dict, probes: dict,
             lesion: np.ndarray) -> Path:
-    from .localize.manifest import read_manifest
+    from .rois.manifest import read_manifest
     from .report.html import Section, write_report
     from .report.masks import mask_examples
     from .report.overlays import save_png

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import mwm.report.plots as plots
+import mwm.bench.plots as plots
 import mwm.train
 import mwm.transfer.classify as classify
 

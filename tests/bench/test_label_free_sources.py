@@ -16,7 +16,7 @@ import mwm.localize.pipeline as pipeline
 from mwm.bench import BenchConfig
 from mwm.bench.parts import PartStore, identity_hash, rois_identity
 from mwm.bench.runner import _arm_rois, check_bench
-from mwm.localize.manifest import read_manifest
+from mwm.rois.manifest import read_manifest
 from tests.conftest import one_thread, tiny_pretrain_run
 
 _single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)

@@ -12,7 +12,7 @@ from mwm.bench import BenchConfig
 from mwm.bench.config import RoiSourceConfig
 from mwm.bench.parts import PartStore, identity_hash, rois_identity
 from mwm.bench.runner import _arm_rois
-from mwm.localize.manifest import read_manifest
+from mwm.rois.manifest import read_manifest
 
 MWM = {"strategy": "roi", "ratio_in": 1.0, "ratio_out": 0.25}
 

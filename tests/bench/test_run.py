@@ -109,8 +109,8 @@ def test_arm_rois_override_and_fallback(phantoms_npz, tmp_path):
     import json
 
     from mwm.bench.runner import _arm_rois
-    from mwm.localize.gt_rois import gt_rois
-    from mwm.localize.manifest import read_manifest
+    from mwm.rois.gt_rois import gt_rois
+    from mwm.rois.manifest import read_manifest
 
     loc = [{**r, "boxes": [[0.0, 0.0, 0.5, 0.5]], "status": "ok"} for r in gt_rois(phantoms_npz)]
     fb = tmp_path / "loc.jsonl"

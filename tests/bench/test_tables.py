@@ -72,7 +72,7 @@ def test_write_tables(tmp_path):
 
 
 def test_plots(tmp_path):
-    from mwm.report.plots import bench_plots
+    from mwm.bench.plots import bench_plots
 
     cfg = _cfg(tmp_path)
     paths = bench_plots(cfg, _rows(), tmp_path / "plots")
@@ -98,7 +98,7 @@ def test_config_errors(tmp_path):
 def test_sweep_lines_need_two_ratios_and_one_roi_source(tmp_path, monkeypatch):
     """Random arms at two realised ratios make a line; two ROI arms at one ratio with different ROI sources
     (gt-boxes vs a localize manifest) do not."""
-    import mwm.report.plots as P
+    import mwm.bench.plots as P
 
     cfg = _cfg(tmp_path, arms=[
         {"name": "r25", "masking": {"strategy": "random", "ratio": 0.25}},
@@ -116,7 +116,7 @@ def test_sweep_lines_need_two_ratios_and_one_roi_source(tmp_path, monkeypatch):
 
 def test_roi_quality_columns_and_curve(tmp_path):
     """Guided arms carry their ROIs' precision / recall into the table and the benefit-vs-quality plot."""
-    from mwm.report.plots import bench_plots
+    from mwm.bench.plots import bench_plots
 
     cfg = _cfg(tmp_path, arms=[{"name": "scratch", "pretrain": False},
                                {"name": "random-0.6", "masking": {"strategy": "random", "ratio": 0.6}},

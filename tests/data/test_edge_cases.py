@@ -207,7 +207,7 @@ def test_masks_without_mask_valid_are_all_annotations(masks_npz):
 
 
 def test_consumers_of_masks_without_mask_valid(masks_npz):
-    from mwm.localize.gt_rois import gt_rois
+    from mwm.rois.gt_rois import gt_rois
     from mwm.localize.metrics import evaluate_manifest, load_ground_truth
 
     recs = gt_rois(masks_npz)

@@ -14,7 +14,7 @@ from mwm.cli import app
 from mwm.errors import DataError, MWMError
 from mwm.localize.ensemble import ensemble_saliency, family_prompts, parse_family, reduce_maps, split_prompt
 from mwm.localize.m2ib import M2IBConfig, _normalize_maps, m2ib_saliency
-from mwm.localize.manifest import read_manifest
+from mwm.rois.manifest import read_manifest
 from mwm.localize.pipeline import batch_saliency, localize, prompt_embeddings
 from mwm.localize.vision import vision_stages
 from mwm.localize.vlm import load_vlm

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mwm.localize.foreground import foreground_boxes
+from mwm.rois.foreground import foreground_boxes
 
 S = 64
 PX = 2 / S  # tolerance: two pixels, in normalized coordinates
@@ -86,7 +86,7 @@ def test_gt_rois_cli_foreground_source(tmp_path):
 
 @pytest.mark.parametrize("kind", ["lungs", "body"])
 def test_expand_and_union_applied_like_gt_boxes(tmp_path, kind):
-    from mwm.localize.foreground import foreground_records
+    from mwm.rois.foreground import foreground_records
     from mwm.localize.postprocess import expand_boxes
 
     npz = tmp_path / "scans.npz"

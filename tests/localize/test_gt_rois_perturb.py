@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from mwm.localize.gt_rois import gt_rois, write_gt_rois
 from mwm.localize.metrics import evaluate_manifest
-from mwm.localize.perturb import PerturbConfig, perturb_boxes
+from mwm.rois.perturb import PerturbConfig, perturb_boxes
 
 
 def _ok(recs):

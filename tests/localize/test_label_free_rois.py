@@ -12,9 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from mwm.cli import app
-from mwm.localize.foreground import foreground_boxes
+from mwm.rois.foreground import foreground_boxes
 from mwm.localize.gt_rois import write_gt_rois
-from mwm.localize.manifest import read_manifest
+from mwm.rois.manifest import read_manifest
 from mwm.localize.recon_error import (ReconRun, draw_keep, error_maps, maps_to_boxes, patch_errors, pixel_errors,
                                       recon_error_records)
 from mwm.mim.loss import masked_mse

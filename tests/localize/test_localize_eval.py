@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mwm.cli import app
-from mwm.localize.manifest import ManifestError, has_roi, read_manifest, usable_boxes
+from mwm.rois.manifest import ManifestError, has_roi, read_manifest, usable_boxes
 from mwm.localize.metrics import GroundTruth, evaluate_manifest, load_ground_truth, write_per_image_csv
 
 S = 20

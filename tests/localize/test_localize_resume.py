@@ -15,8 +15,9 @@ from mwm.cli import app
 from mwm.errors import DataError, MWMError
 from mwm.io import lock_folder
 from mwm.localize.m2ib import M2IBConfig
-from mwm.localize.manifest import read_manifest
-from mwm.localize.pipeline import _safe_name, claim_settings, localize
+from mwm.rois.manifest import read_manifest
+from mwm.localize.pipeline import claim_settings, localize
+from mwm.rois.manifest import safe_file_name as _safe_name
 from tests.conftest import one_thread
 
 from .test_pipeline import _cfg, tiny_vlm  # noqa: F401  (tiny_vlm: a module-scoped fixture)

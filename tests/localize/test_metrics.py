@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mwm.cli import app
-from mwm.localize.manifest import ManifestError, read_manifest
+from mwm.rois.manifest import ManifestError, read_manifest
 from mwm.localize.metrics import (evaluate_manifest, load_ground_truth, random_boxes_like, region_metrics,
                                   strip_ext)
 
@@ -198,7 +198,7 @@ def test_gt_rois_manifest_scores_perfect_recall(phantoms_npz, tmp_path):
     from typer.testing import CliRunner
 
     from mwm.cli import app
-    from mwm.localize.manifest import read_manifest
+    from mwm.rois.manifest import read_manifest
     from mwm.localize.metrics import evaluate_manifest
 
     out = tmp_path / "gt.jsonl"
@@ -218,8 +218,8 @@ def test_gt_rois_fallback_fills_only_images_without_a_mask(phantoms_npz, tmp_pat
 
     from mwm.cli import app
     from mwm.errors import DataError
-    from mwm.localize.gt_rois import gt_rois, with_fallback
-    from mwm.localize.manifest import read_manifest
+    from mwm.rois.gt_rois import gt_rois, with_fallback
+    from mwm.rois.manifest import read_manifest
 
     gt = gt_rois(phantoms_npz, expand=0.0)
     loc = [{**r, "boxes": [[0.1, 0.2, 0.3, 0.4]], "status": "ok", "prompt": "lesion"} for r in gt]

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from mwm.cli import app
-from mwm.localize.manifest import read_manifest
+from mwm.rois.manifest import read_manifest
 from mwm.localize.pipeline import LocalizeConfig, append_lines, localize
 from mwm.localize.vlm import export_vlm
 from mwm.localize.vlm_train import TinyClipConfig

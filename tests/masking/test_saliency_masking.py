@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mwm.masking import (NEEDS_ROI, NEEDS_SALIENCY, STRATEGIES, MaskingConfig, boxes_tensor, create_masker, n_keep,
-                         pool_importance, top_half)
+from mwm.masking import (NEEDS_ROI, NEEDS_SALIENCY, STRATEGIES, MaskingConfig, boxes_tensor, create_masker,
+                         masking_config, n_keep, pool_importance, top_half)
 
 SALIENCY = sorted(NEEDS_SALIENCY)
 grids = st.sampled_from([(2, 2), (4, 4), (7, 7), (3, 5), (8, 8), (14, 14)])
@@ -21,12 +21,12 @@ def gen(seed=0):
 
 
 def masker(strategy, ratio=0.5, **kw):
-    return create_masker(MaskingConfig(strategy=strategy, ratio=ratio, **kw))
+    return create_masker(masking_config({"strategy": strategy, "ratio": ratio, **kw}))
 
 
 def test_registered_as_manifest_strategies():
     # needs_saliency implies needs_roi: PretrainConfig and the bench then ask for a manifest (--rois / rois.source)
-    assert set(SALIENCY) == {"saliency_soft", "saliency_topk"} and set(SALIENCY) <= NEEDS_ROI <= set(STRATEGIES)
+    assert set(SALIENCY) == {"saliency_soft", "saliency_topk", "saliency_topk_diverse"} and set(SALIENCY) <= NEEDS_ROI <= set(STRATEGIES)
 
 
 @settings(max_examples=40, deadline=None)

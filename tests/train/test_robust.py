@@ -79,7 +79,7 @@ def test_roi_share_threshold_and_boxes_that_are_no_roi(tiny_npz, tmp_path, monke
              [[0.1, 0.1, float("inf"), 0.5]]]
     recs = [{"image": i, "width": 64, "height": 64, "boxes": b, "prompt": "", "status": "ok"}
             for i, b in zip(ids, boxes)]
-    monkeypatch.setattr("mwm.localize.manifest.read_manifest", lambda path: recs)
+    monkeypatch.setattr("mwm.rois.manifest.read_manifest", lambda path: recs)
     boxes, stats = join_rois(ids, np.full((4, 2), 64), tmp_path / "r.jsonl", 64, "pad")
     assert stats["with_roi"] == 1 and stats["without_roi"] == 3 and stats["share"] == 0.25
     assert [len(b) for b in boxes] == [1, 0, 0, 0]

@@ -31,9 +31,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..localize.perturb import PerturbConfig
+from ..rois.perturb import PerturbConfig
 
-__all__ = ["BenchConfig", "ArmConfig", "RoiSourceConfig", "TaskConfig", "TASK_KINDS"]
+__all__ = ["BenchConfig", "ArmConfig", "RoiSourceConfig", "TaskConfig", "TASK_KINDS", "run_dir"]
 
 TASK_KINDS = ("linear", "full", "segment", "detect")
 
@@ -266,3 +266,8 @@ class BenchConfig(BaseModel):
         if self.baseline:
             return self.baseline
         return next((a.name for a in self.arms if a.pretrain and a.strategy == "random"), None)
+
+
+def run_dir(cfg: BenchConfig, arm: str, seed: int) -> Path:
+    """The folder of one (arm, seed): ``OUT/runs/ARM/seedS`` (its ``pretrain/`` and one folder per task)."""
+    return cfg.out_dir / "runs" / arm / f"seed{seed}"

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ValidationError
 from ..config import ConfigError, save_config
 from ..errors import MWMError
 from ..io import file_sha256
-from .config import ArmConfig, BenchConfig, RoiSourceConfig, TaskConfig
+from .config import ArmConfig, BenchConfig, RoiSourceConfig, TaskConfig, run_dir
 from .parts import Part, PartStore, identity_hash, pretrain_identity, rois_identity, saliency_identity, task_identity
 
 __all__ = ["run_bench", "check_bench", "pretrain_config", "task_config", "TASKS", "run_dir"]
@@ -51,10 +51,6 @@ TASKS: dict[str, tuple[str, str, str, dict]] = {
     "segment": ("mwm.transfer.segment", "SegmentConfig", "segment", {}),
     "detect": ("mwm.transfer.detect", "DetectConfig", "detect", {}),
 }
-
-
-def run_dir(cfg: BenchConfig, arm: str, seed: int) -> Path:
-    return cfg.out_dir / "runs" / arm / f"seed{seed}"
 
 
 # -- configs of the parts (one place, used by validation and by the runner) ----------------------------------
@@ -405,7 +401,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
     arm's or task's config is invalid, and :class:`MWMError` when another bench holds ``OUT``.
     """
     from ..io import lock_folder, shard_lock_name
-    from ..report.plots import bench_plots
+    from .plots import bench_plots
     from .tables import write_tables
 
     check_bench(cfg)

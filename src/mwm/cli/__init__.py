@@ -8,6 +8,7 @@ import typer
 
 from .. import __version__
 from . import data as data_cmds
+from . import importance as importance_cmds
 from . import prompts as prompts_cmds
 from . import vlm as vlm_cmds
 from .bench import bench
@@ -27,6 +28,7 @@ app = typer.Typer(name="mwm", help="Guided masked image modeling for medical ima
 app.add_typer(data_cmds.app, name="data")
 app.add_typer(vlm_cmds.app, name="vlm")
 app.add_typer(prompts_cmds.app, name="prompts")
+app.add_typer(importance_cmds.app, name="importance")
 app.command()(localize)
 app.command()(demo)
 app.command("localize-eval")(localize_eval)

@@ -216,7 +216,7 @@ def gt_rois_cmd(
 
     from ..config import ConfigError
     from ..localize.gt_rois import write_gt_rois
-    from ..localize.perturb import PerturbConfig
+    from ..rois.perturb import PerturbConfig
 
     perturb = None
     if precision is not None or recall is not None or place is not None:

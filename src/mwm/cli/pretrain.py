@@ -42,10 +42,10 @@ class _Bar(TaskBars):
             for note in info.get("notes") or []:
                 console.print(f"note: {note}", highlight=False)
         elif kind == "step":
-            ratios = f"mask {info['mask_ratio']:.2f}"
+            ratios = f"mask {info['mask_ratio']:.2f} " if info.get("mask_ratio") is not None else ""  # MIM only
             if info.get("mask_ratio_in") is not None:
-                ratios += f" (in {info['mask_ratio_in']:.2f} / out {info['mask_ratio_out']:.2f})"
-            self._task("pretrain", total, done, f"loss {info['loss']:.4f} lr {info['lr']:.2e} {ratios} "
+                ratios = ratios[:-1] + f" (in {info['mask_ratio_in']:.2f} / out {info['mask_ratio_out']:.2f}) "
+            self._task("pretrain", total, done, f"loss {info['loss']:.4f} lr {info['lr']:.2e} {ratios}"
                                                 f"{info['images_per_s']:.0f} img/s")
         elif kind == "epoch":
             console.print(f"epoch {info['epoch']}/{info['epochs']}: loss {info['loss']:.4f}, "
@@ -84,8 +84,9 @@ def pretrain(
                                                         "images without ROI under roi). [default: 0.6]")] = None,
     ratio_in: Annotated[Optional[float], typer.Option(help="roi: mask ratio inside the ROI. [default: 0.8]")] = None,
     ratio_out: Annotated[Optional[float], typer.Option(help="roi: mask ratio outside the ROI. [default: 0.2]")] = None,
-    method: Annotated[Optional[str], typer.Option(help="spark (timm CNNs) or mae (timm ViTs). [default: from "
-                                                       "--arch]")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Pretraining method, by name in the method registry "
+                                                       "(mwm.train.methods): spark (timm CNNs) or mae (timm ViTs), "
+                                                       "or any registered one. [default: from --arch]")] = None,
     arch: Annotated[Optional[str], typer.Option(help="timm encoder: resnet18/50, convnext_*, vit_*. "
                                                      "[default: resnet50]")] = None,
     size: Annotated[Optional[int], typer.Option(help="Input side in pixels (a multiple of 32 for CNNs). "
@@ -179,7 +180,8 @@ def pretrain(
         return
     first = f"{s['first_loss']:.4f}" if s["first_loss"] is not None else "?"
     final = f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "?"
-    console.print(f"pretrained {cfg.arch} ({cfg.model.method}, masking {cfg.masking.strategy}) for {s['epochs_done']} "
+    how = cfg.model.method + (f", masking {s['masking']}" if s.get("masking") else "")
+    console.print(f"pretrained {cfg.arch} ({how}) for {s['epochs_done']} "
                   f"epochs / {s['steps']} steps in {s['seconds']:.0f}s; loss {first} → {final}; "
                   f"encoder: {s['encoder']}" + (f" (Detectron2: {s['encoder_d2']})" if s["encoder_d2"] else "")
                   + f"; run: {s['run']}", highlight=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import importlib
 
 from ..errors import DataError, ReadError
-from .source import ImageSource, Skipped
+from .source import ImageSource, Skipped, pick_split
 from .types import WINDOW_PRESETS, ReadOptions, Sample
 
 # torch-backed parts load on first use, so `mwm --help` stays fast.
@@ -25,7 +25,7 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["open_source", "ImageSource", "ReadOptions", "Sample", "Skipped", "ArrayDataset", "decode", "to_tensor",
+__all__ = ["open_source", "pick_split", "ImageSource", "ReadOptions", "Sample", "Skipped", "ArrayDataset", "decode", "to_tensor",
            "mask_to_tensor", "Fit", "WINDOW_PRESETS", "DataError", "ReadError"]
 
 

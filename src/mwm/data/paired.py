@@ -19,8 +19,39 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["crop_flip_theta", "warp", "warp_boxes", "paired_crop_flip", "hflip_instances"]
+
+
+class AugmentConfig(BaseModel):
+    """Paired geometric augmentation (image and ROI boxes in the same call, pretraining: :mod:`mwm.train.augment`; transfer: this module).
+
+    SparK and MAE pretrain with RandomResizedCrop(scale=(0.2 or 0.67, 1)) + horizontal flip on ImageNet; medical
+    scans are framed consistently and a crop that loses most of the ROI also loses the point of guided masking,
+    so the default scale is (0.5, 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = Field(default=0.5, ge=0, le=1, description="probability of a horizontal flip")
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError(f"need 0 < low <= high, got {v}")
+        return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] > 1:
+            raise ValueError(f"crop_scale is a fraction of the image area, at most 1; got {v}")
+        return v
+
 
 
 def crop_flip_theta(n: int, scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),

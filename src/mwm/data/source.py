@@ -134,3 +134,17 @@ class ImageSource:
 
     def skip_summary(self) -> dict[str, int]:
         return dict(Counter(s.reason for s in self.skipped))
+
+
+def pick_split(src, split: str | None) -> str:
+    """The split a whole-dataset job (pretraining, importance maps) takes: ``train`` when the data has one and no
+    split is asked for (else ``all``); an asked-for split must exist (a :class:`DataError` lists those present)."""
+    from ..errors import DataError
+
+    present = sorted({s for s in src.splits if s})
+    if split in (None, ""):
+        return "train" if "train" in present else "all"
+    if split != "all" and split not in present:
+        raise DataError(f"{src.root}: no images in split '{split}'; the splits present are "
+                        f"{', '.join(present) if present else 'none (use --split all)'}")
+    return split

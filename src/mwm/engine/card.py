@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # = mwm.weights' (engine sits below weights)
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from ..errors import MWMError
-from ..weights import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["EncoderCard", "CARD_NAME"]
 

@@ -49,7 +49,6 @@ image per step, negligible beside the transformer blocks.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..rois.manifest import image_seed  # noqa: F401  (re-exported: moved to rois.manifest)
 from ..errors import MWMError
 from .vision import VisionStages
 
@@ -88,11 +88,6 @@ class M2IBResult:
     token_kl: torch.Tensor
     fit: torch.Tensor
     kl: torch.Tensor
-
-
-def image_seed(seed: int, key: str | int) -> int:
-    """A stable 63-bit seed for one image (independent of Python's hash randomisation)."""
-    return (int(seed) * 1_000_003 + zlib.crc32(str(key).encode())) % (2**63 - 1)
 
 
 # Device types on which ``M2IBConfig.autocast`` takes effect (tests add "cpu" to check bf16 agreement).

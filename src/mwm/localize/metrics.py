@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ..errors import DataError
-from .postprocess import boxes_to_masks
+from ..rois.boxes import boxes_to_masks, region_metrics  # region_metrics: re-exported (moved there)
 
 METRICS = ("precision", "recall", "dice", "iou")
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -45,29 +44,6 @@ def strip_ext(image_id: str) -> str:
         if low.endswith(s):
             return image_id[: -len(s)]
     return image_id
-
-
-# -- per-image metrics, vectorized ----------------------------------------------------------------
-def region_metrics(pred: Tensor, gt: Tensor) -> dict[str, Tensor]:
-    """pred, gt: bool ``(B, H, W)`` → float64 ``(B,)`` each of precision, recall, dice, iou, plus int64
-    ``(B,)`` ``pred_area``, ``gt_area``, ``intersection``. An empty prediction scores 0 (not NaN) on all
-    four; an empty ground truth gives recall NaN (callers exclude those images)."""
-    if pred.shape != gt.shape or pred.ndim != 3:
-        raise ValueError(f"pred and gt must both be (B, H, W); got {tuple(pred.shape)} and {tuple(gt.shape)}")
-    p, g = pred.bool().flatten(1), gt.bool().flatten(1)
-    inter = (p & g).sum(1)
-    pa, ga = p.sum(1), g.sum(1)
-    union = pa + ga - inter
-    i, pf, gf, uf = inter.double(), pa.double(), ga.double(), union.double()
-    nan = torch.full_like(i, float("nan"))
-    zero = torch.zeros_like(i)
-    return {
-        "precision": torch.where(pa > 0, i / pf.clamp_min(1), zero),
-        "recall": torch.where(ga > 0, i / gf.clamp_min(1), nan),
-        "dice": torch.where(pa + ga > 0, 2 * i / (pf + gf).clamp_min(1), nan),
-        "iou": torch.where(union > 0, i / uf.clamp_min(1), nan),
-        "pred_area": pa, "gt_area": ga, "intersection": inter,
-    }
 
 
 def random_boxes_like(boxes_per_image: list[list[list[float]]], seed: int = 0) -> list[list[list[float]]]:
@@ -182,7 +158,7 @@ def evaluate_manifest(manifest: str | Path | list[dict], gt: str | Path | Ground
     one reduction per stack). ``random_baseline`` adds ``random_*`` means for boxes of the same sizes at
     random positions (``seed``).
     """
-    from .manifest import check_records, read_manifest
+    from ..rois.manifest import check_records, read_manifest
 
     # records given directly go through the same contract as a file: NaN boxes are an error, not a 0 score
     recs = read_manifest(manifest) if isinstance(manifest, (str, Path)) else check_records(list(manifest), "manifest")

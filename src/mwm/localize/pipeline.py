@@ -38,6 +38,9 @@ from ..io import live_locks
 from ..data import ReadOptions, open_source
 from ..data.transforms import Fit, to_tensor
 from ..errors import DataError, MWMError, ReadError
+from ..report.overlays import save_map_png
+from ..rois.manifest import (append_records, done_records, make_record, manifest_paths, safe_file_name,
+                             write_manifest)
 from .ensemble import EnsembleResult, Reduce, ensemble_saliency, family_prompts, split_prompt
 from .m2ib import M2IBConfig, resolve_layer
 
@@ -158,43 +161,7 @@ def prompt_resolver(cfg: LocalizeConfig, label_names: list[str], table: dict[str
     return resolve
 
 
-# -- manifest ----------------------------------------------------------------------------------
-def manifest_paths(out: Path, shard: tuple[int, int]) -> tuple[Path, Path]:
-    """(this run's part file, the merged manifest)."""
-    i, n = shard
-    merged = out / "rois.jsonl"
-    return (merged if n == 1 else out / f"rois.part-{i}-of-{n}.jsonl"), merged
-
-
-def done_records(out: Path) -> dict[str, dict]:
-    """Every record already written (merged manifest and all shard parts), by image id."""
-    from .manifest import read_manifest
-
-    recs: dict[str, dict] = {}
-    for p in [out / "rois.jsonl", *sorted(out.glob("rois.part-*-of-*.jsonl"))]:
-        if p.is_file():
-            for r in read_manifest(p, validate=False):
-                recs[r["image"]] = r
-    return recs
-
-
-def append_lines(path: Path, records: list[dict]) -> None:
-    """Append whole JSON lines with one write + fsync (a kill leaves at most one partial last line)."""
-    if not records:
-        return
-    import os
-
-    data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as f:
-        # a previous kill may have left a partial line: start ours on a fresh line
-        if f.tell() > 0:
-            with open(path, "rb") as g:
-                g.seek(-1, os.SEEK_END)
-                if g.read(1) != b"\n":
-                    data = "\n" + data
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+append_lines = append_records  # the name before the manifest I/O moved to mwm.rois.manifest
 
 
 # -- one configuration per folder ----------------------------------------------------------------
@@ -550,17 +517,17 @@ def _localize(cfg: LocalizeConfig, out: Path, shard: tuple[int, int], progress) 
                 if cfg.read.strict:
                     raise
                 warnings.warn(str(e), stacklevel=2)
-                recs.append(_record(ids[i], 0, 0, prompts_of[i], [], f"unreadable: {e.reason}"))
+                recs.append(make_record(ids[i], 0, 0, prompts_of[i], [], f"unreadable: {e.reason}"))
                 continue
             h, w = s.image.shape[:2]
             if min(h, w) < max(grid):
-                recs.append(_record(s.id, w, h, prompts_of[i], [], "too_small",
+                recs.append(make_record(s.id, w, h, prompts_of[i], [], "too_small",
                                     note=f"{w}x{h} px is smaller than the VLM's {grid[1]}x{grid[0]} patch grid"))
                 continue
             if _is_constant(s.image):
                 # M2IB on a blank image still gives a varied map (the VLM's position embeddings), which
                 # min–max normalization stretches to [0, 1]: decide here, before any saliency is computed
-                recs.append(_record(s.id, w, h, prompts_of[i], [], "constant_saliency",
+                recs.append(make_record(s.id, w, h, prompts_of[i], [], "constant_saliency",
                                     note="every pixel has the same value: nothing to localize"))
                 continue
             samples.append((i, s))
@@ -574,18 +541,18 @@ def _localize(cfg: LocalizeConfig, out: Path, shard: tuple[int, int], progress) 
             for j, (i, s) in enumerate(samples):
                 h, w = s.image.shape[:2]
                 st, boxes, boxes_sq, m = rois.status[j], rois.boxes[j], rois.boxes_sq[j], rois.masks[j]
-                rec = _record(s.id, w, h, prompts_of[i], boxes, st, note=rois.notes[j])
+                rec = make_record(s.id, w, h, prompts_of[i], boxes, st, note=rois.notes[j])
                 if st == "ok" and boxes and _area(boxes) > 0.95:
                     rec["flags"] = ["roi_covers_image"]
                 rec["fit"] = round(float(res.fit[j]), 5)
                 if cfg.save_saliency:
-                    rec["saliency"] = _save_map(out / "saliency", s.id, sal[j])
+                    rec["saliency"] = save_map_png(out / "saliency", s.id, sal[j])
                 if cfg.save_masks:
-                    rec["mask"] = _save_map(out / "masks", s.id, m.float())
+                    rec["mask"] = save_map_png(out / "masks", s.id, m.float())
                 if s.id in gallery_ids:
                     _gallery_panel(out / "gallery", s, imgs01[j], sal[j], m, boxes_sq, rec)
                 recs.append(rec)
-        append_lines(part_path, recs)
+        append_records(part_path, recs)
         for r in recs:
             n_ok += r["status"] == "ok"
             n_bad += r["status"] != "ok"
@@ -596,7 +563,7 @@ def _localize(cfg: LocalizeConfig, out: Path, shard: tuple[int, int], progress) 
     merged = False
     if all(ids[i] in done for i in all_idx) and (shard[1] > 1 or not merged_path.is_file() or todo):
         order = [done[ids[i]] for i in all_idx]
-        atomic_write_text(merged_path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in order))
+        write_manifest(merged_path, order)
         merged = True
     write_gallery(out, cfg)
     summary = {"processed": len(todo), "ok": n_ok, "failed": n_bad, "skipped_done": len(my_idx) - len(todo),
@@ -622,32 +589,6 @@ def _area(boxes: list[list[float]]) -> float:
     return float(boxes_to_mask(boxes, 64, 64).float().mean())
 
 
-def _record(image_id: str, w: int, h: int, prompt: str, boxes: list, status: str, note: str | None = None) -> dict:
-    rec = {"image": image_id, "width": int(w), "height": int(h),
-           "boxes": [[round(float(v), 6) for v in b] for b in boxes], "prompt": prompt, "status": status}
-    if note:
-        rec["note"] = note
-    return rec
-
-
-def _safe_name(image_id: str) -> str:
-    """A file name (no extension) for an image's saliency / mask / gallery files: the id with characters
-    other than letters, digits, ``-_.`` replaced by ``_`` (its last 80, no leading dot), then ``-`` and 10
-    hex digits of the id's SHA-1 — so ``a/b.png``, ``a_b.png`` and ``a b.png`` get different files, and an
-    image keeps its name across runs and machines (``a_b.png`` → ``a_b.png-d3cddaada7``)."""
-    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)[-80:].lstrip(".") or "image"
-    return f"{base}-{hashlib.sha1(image_id.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
-
-
-def _save_map(folder: Path, image_id: str, m: torch.Tensor) -> str:
-    from ..report.overlays import save_png
-
-    a = (torch.nan_to_num(m).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-    name = _safe_name(image_id) + ".png"
-    save_png(a, folder / name)
-    return f"{folder.name}/{name}"
-
-
 def _gallery_panel(folder: Path, s, img01: torch.Tensor, sal: torch.Tensor, mask: torch.Tensor,
                    boxes_sq: list, rec: dict) -> None:
     from ..report.overlays import draw_boxes, gray_rgb, heatmap, hstack, save_png, tint, upscale
@@ -655,8 +596,8 @@ def _gallery_panel(folder: Path, s, img01: torch.Tensor, sal: torch.Tensor, mask
     base = gray_rgb(img01.mean(0).cpu().numpy())
     panels = [base, heatmap(sal.cpu().numpy(), base), tint(base, mask.cpu().numpy()),
               draw_boxes(base, boxes_sq, width=max(1, base.shape[0] // 100))]
-    save_png(hstack([upscale(p) for p in panels]), folder / (_safe_name(s.id) + ".png"))
-    atomic_write_text(folder / (_safe_name(s.id) + ".json"), json.dumps(rec))
+    save_png(hstack([upscale(p) for p in panels]), folder / (safe_file_name(s.id) + ".png"))
+    atomic_write_text(folder / (safe_file_name(s.id) + ".json"), json.dumps(rec))
 
 
 def write_gallery(out: Path, cfg: LocalizeConfig) -> Path:
@@ -700,3 +641,7 @@ def _write_meta(cfg: LocalizeConfig, out: Path, vlm, n: int, settings: dict) -> 
             "versions": {p: ver(p) for p in ("torch", "open_clip_torch", "timm", "transformers", "segment-anything")},
             "python": platform.python_version()}
     claim_settings(out, meta, cfg)
+
+
+_safe_name = safe_file_name  # former private names, kept for callers outside the package
+_save_map = save_map_png

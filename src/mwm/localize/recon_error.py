@@ -25,7 +25,6 @@ a target.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,19 +78,36 @@ def run_sha256(run: str | Path) -> str:
 
 
 def _input_stats(model, run: Path, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's input normalization: encoder.json's record when finished, else the timm arch's (as pretraining)."""
-    meta = run / "encoder.json"
-    if meta.is_file():
-        norm = json.loads(meta.read_text()).get("normalize", "missing")
-        if norm is None:
-            return torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
-        if isinstance(norm, dict):
-            return torch.tensor(norm["mean"]).view(1, -1, 1, 1), torch.tensor(norm["std"]).view(1, -1, 1, 1)
+    """The run's input normalization: its encoder card's (``encoder.json``) when finished and the card says,
+    else the timm arch's (as pretraining)."""
+    from ..engine.card import CARD_NAME, EncoderCard
+
+    if (run / CARD_NAME).is_file():
+        card = EncoderCard.load(run)
+        if "normalize" in card.model_fields_set:  # null: raw [0, 1] inputs → zeros / ones
+            mean, std = card.input_stats()
+            return torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     if not cfg.get("normalize", True):
         return torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     pc = getattr(getattr(model.encoder, "model", None), "pretrained_cfg", None) or {}
     return (torch.tensor(pc.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1),
             torch.tensor(pc.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The run's ``checkpoints/last.pt`` as ``mwm pretrain`` writes it (``format`` ``mwm.pretrain/…``, with its
+    ``config`` and ``model`` / ``ema`` weights). Read here, not through :mod:`mwm.train`: localization and
+    pretraining sit side by side and talk through files."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which and what to do
+        raise MWMError(f"{path}: not a readable mwm checkpoint ({type(e).__name__}: {e}); reconstruction-error "
+                       "needs the checkpoints/last.pt of a `mwm pretrain` run") from e
+    if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("mwm.pretrain/") \
+            or "config" not in ckpt or "model" not in ckpt:
+        raise MWMError(f"{path}: not an mwm pretraining checkpoint; reconstruction-error needs the "
+                       "checkpoints/last.pt of a `mwm pretrain` run")
+    return ckpt
 
 
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> ReconRun:
@@ -100,9 +116,7 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> ReconRun:
 
     run = Path(run)
     ckpt_path = _checkpoint(run)
-    from ..train.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = _read_checkpoint(ckpt_path)
     cfg = ckpt["config"]
     try:
         model = create_mim_model(cfg["model"])
@@ -123,7 +137,7 @@ def draw_keep(ids: list[str], masks: int, ratio: float, grid: tuple[int, int], s
     image by image from a generator seeded by ``seed`` and the image id → bool ``(len(ids)·masks, 1, h, w)``,
     image-major (image i's masks are rows ``i·masks … (i+1)·masks − 1``)."""
     from ..masking.policies import random_keep
-    from .m2ib import image_seed
+    from ..rois.manifest import image_seed
 
     out = []
     for image_id in ids:  # generators only: the model sees all images × masks at once
@@ -226,8 +240,8 @@ def maps_to_boxes(maps: torch.Tensor, binarize: str = "quantile", quantile: floa
     mostly split "anything" from "air", since air is trivially predictable) or ``quantile``: the hardest
     ``1 − quantile`` of each image's pixels (0.9: the top 10 %).
     """
+    from ..rois.boxes import expand_boxes, largest_components, mask_to_boxes
     from .postprocess import binarize as binarize_maps
-    from .postprocess import expand_boxes, largest_components, mask_to_boxes
 
     if binarize == "quantile":
         flat = maps.flatten(1).double()

@@ -98,6 +98,13 @@ class TinyClipConfig(BaseModel):
         }
 
 
+def check_captions_spec(v: str) -> str:
+    """A ``captions`` option: ``auto``, ``npz``, ``template`` or a .csv / .jsonl file of image,caption."""
+    if v not in ("auto", "npz", "template") and not v.lower().endswith((".csv", ".jsonl")):
+        raise ValueError(f"'{v}' is not auto, npz, template, or a .csv / .jsonl file of image,caption")
+    return v
+
+
 class VLMTrainConfig(BaseModel):
     """`mwm vlm train`: CLIP-style training on image–caption pairs."""
 
@@ -134,9 +141,7 @@ class VLMTrainConfig(BaseModel):
     @field_validator("captions")
     @classmethod
     def _captions(cls, v: str) -> str:
-        if v not in ("auto", "npz", "template") and not v.lower().endswith((".csv", ".jsonl")):
-            raise ValueError(f"'{v}' is not auto, npz, template, or a .csv / .jsonl file of image,caption")
-        return v
+        return check_captions_spec(v)
 
     @field_validator("template")
     @classmethod

@@ -225,3 +225,40 @@ def _soft_policy(imp, batch, cfg) -> torch.Tensor:
 def _topk_policy(imp, batch, cfg) -> torch.Tensor:
     """The highest-scoring cells masked first at ``ratio`` (ties at random)."""
     return topk_keep(imp.score, cfg.ratio, batch.generator)
+
+
+def topk_diverse_keep(importance: torch.Tensor, ratio: float, top_share: float = 0.9,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """MedIM's "diversity" high-activated masking (``YtongXie/MedIM``, ``medim/models/medim/medim_train.py``
+    ``MedIM.pruning_sort_attDiversity``): most masked cells are drawn at random among the most important ones, a few
+    among the rest, so the visible set is not always the same low-importance cells.
+
+    Exactly ``M = N − round(N·(1−ratio))`` cells are masked per image (as :func:`topk_keep`):
+    ``round(top_share·M)`` drawn uniformly among the M most important cells (ties at random), the other
+    ``M − round(top_share·M)`` uniformly among the remaining ``N − M`` (when they do not fit, the top set takes the
+    surplus). MedIM draws ``int(0.9·|top|)`` from the top set and ``int(0.1·|rest|)`` from the rest: at its γ = 0.5
+    the same split up to flooring (14 × 14: 88 + 9 cells, ours 88 + 10), at other ratios not γ·N cells; ours keeps
+    the count exact.
+    importance: (B, h, w). → keep (B, 1, h, w).
+    """
+    B, h, w = importance.shape
+    n = h * w
+    x = importance.reshape(B, n).float()
+    m = n - int(n_keep(n, ratio))
+    n_rest = min(m - int(round(top_share * m)), n - m)
+    n_top = m - n_rest
+    tie = _uniform(x.shape, generator, x.device) * 1e-6
+    in_top = _ranks(-(x + tie)) < m  # the M most important cells
+    # one sort: top cells first in random order, then the rest in random order; mask the first n_top of each group
+    order = _argsort_rows((~in_top).to(x.dtype) + _uniform(x.shape, generator, x.device))
+    pos = torch.arange(n, device=x.device)
+    masked_sorted = ((pos < n_top) | ((pos >= m) & (pos < m + n_rest))).expand(B, n).contiguous()
+    masked = torch.empty_like(masked_sorted).scatter_(1, order, masked_sorted)
+    return (~masked).view(B, 1, h, w)
+
+
+@register_policy("topk-diverse", needs=("score",))
+def _topk_diverse_policy(imp, batch, cfg) -> torch.Tensor:
+    """MedIM's diversity variant of top-k at ``ratio``: ``top_share`` of the masked cells at random among the most
+    important ones, the rest at random elsewhere (:func:`topk_diverse_keep`)."""
+    return topk_diverse_keep(imp.score, cfg.ratio, cfg.top_share, batch.generator)

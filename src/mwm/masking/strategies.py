@@ -99,3 +99,19 @@ register_composite("saliency_soft", "saliency", "soft",
 register_composite("saliency_topk", "saliency", "topk",
                    doc="No boxes: the cells of highest mean saliency masked first at ``ratio``; images without a "
                        "map uniformly at ``ratio``.")
+
+
+class TopkDiverseConfig(StrategyConfig):
+    """``saliency_topk_diverse``: MedIM's high-activated masking with its diversity draw (γ = ``ratio``, 0.5 in
+    MedIM; ``top_share`` 0.9 of the masked cells from the top-γ cells, the rest from the others)."""
+
+    strategy: Literal["saliency_topk_diverse"] = "saliency_topk_diverse"
+    ratio: float = Field(default=0.5, ge=0, lt=1)
+    top_share: float = Field(default=0.9, ge=0, le=1, description="share of the masked cells drawn among the most "
+                                                                  "important ones (MedIM: 0.9)")
+
+
+register_composite("saliency_topk_diverse", "saliency", "topk-diverse", config=TopkDiverseConfig,
+                   doc="MedIM (pruning_sort_attDiversity): ``top_share`` of the ``ratio``·N masked cells at random "
+                       "among the cells of highest mean saliency, the rest at random elsewhere; images without a map "
+                       "uniformly at ``ratio``.")

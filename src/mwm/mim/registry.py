@@ -3,9 +3,11 @@
 >>> model = create_mim_model(SparKConfig(arch="resnet18", size=64))
 >>> model = create_mim_model({"method": "mae", "arch": "vit_tiny_patch16_224", "size": 64})
 
-A new method is one config class with a ``method: Literal["name"]`` field, one ``create_*`` function and
-:func:`register_mim_model`. Every model has ``forward(x, keep) -> {"loss", "pred"}``, ``stride``, ``grid(size)``,
-``reconstruct(x, pred, keep)`` and ``encoder_state_dict()``.
+These are the MIM *models*; what ``mwm pretrain`` runs is a pretraining *method* (``mwm.train.methods``: a
+model plus its masking and step hooks), whose registry maps ``spark``/``mae`` to these configs. A new MIM model is
+one config class with a ``method: Literal["name"]`` field, one ``create_*`` function and :func:`register_mim_model`
+(and a method registered for it). Every model has ``forward(x, keep) -> {"loss", "pred"}``, ``stride``,
+``grid(size)``, ``reconstruct(x, pred, keep)`` and ``encoder_state_dict()``.
 """
 
 from __future__ import annotations

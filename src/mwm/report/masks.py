@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .overlays import draw_boxes, gray_rgb, hstack, upscale
+from .overlays import MASKED_GRAY, draw_boxes, gray_rgb, hstack, upscale, vstack
 
 __all__ = ["mask_examples"]
 
@@ -24,7 +24,6 @@ def mask_examples(images: np.ndarray, boxes: list[list[list[float]]], strategies
     from ..masking import MaskingBatch, create_masker, masking_config
     from ..masking.grid import boxes_tensor
     from ..mim.sparse import upsample_keep
-    from ..train.recon import MASKED_GRAY, vstack
 
     x = torch.from_numpy(images).float().mean(1, keepdim=True) / 255.0  # (B, 1, S, S)
     b, s = x.shape[0], x.shape[-1]

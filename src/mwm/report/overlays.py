@@ -13,6 +13,8 @@ from PIL import Image, ImageDraw
 
 from ..io import atomic_path
 
+MASKED_GRAY = 0.5  # masked patches are shown flat gray: distinct from black borders and bright anatomy
+
 
 def gray_rgb(img: np.ndarray) -> np.ndarray:
     """float (H, W) or (H, W, 3) in [0, 1] → uint8 (H, W, 3)."""
@@ -67,8 +69,33 @@ def hstack(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
     return np.concatenate(cols[:-1], axis=1)
 
 
+def vstack(rows: list[np.ndarray], gap: int = 4) -> np.ndarray:
+    """uint8 (H_i, W_i, 3) rows → one image, left-aligned, white gaps."""
+    w = max(r.shape[1] for r in rows)
+    out = []
+    for r in rows:
+        if r.shape[1] < w:
+            r = np.pad(r, ((0, 0), (0, w - r.shape[1]), (0, 0)), constant_values=255)
+        out += [r, np.full((gap, w, 3), 255, np.uint8)]
+    return np.concatenate(out[:-1], axis=0)
+
+
 def save_png(arr: np.ndarray, path: str | Path) -> Path:
     """Write uint8 (H, W[, 3]) as PNG atomically."""
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
     return Path(path)
+
+
+def save_map_png(folder: Path, image_id: str, m) -> str:
+    """A per-image map (saliency, mask, importance; float (H, W) in [0, 1], NaN → 0) as an 8-bit PNG in ``folder``
+    named by :func:`mwm.rois.manifest.safe_file_name`; returns the path a manifest record stores
+    (``"<folder name>/<file>"``, relative to the manifest)."""
+    import torch
+
+    from ..rois.manifest import safe_file_name
+
+    a = (torch.nan_to_num(torch.as_tensor(m)).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    name = safe_file_name(image_id) + ".png"
+    save_png(a, Path(folder) / name)
+    return f"{Path(folder).name}/{name}"

@@ -1,4 +1,8 @@
-"""Matplotlib figures for runs and benches (Agg backend, written atomically as PNG)."""
+"""Matplotlib figures for runs and benches (Agg backend, written atomically as PNG).
+
+Figures from plain numbers and files; what to draw for a bench is decided in :mod:`mwm.bench.plots`
+(``report`` imports nothing above ``data``, ``masking`` and ``mim``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import numpy as np
 
 from ..io import atomic_path
 
-__all__ = ["loss_curves", "metric_bars", "ratio_sweep", "bench_plots"]
+__all__ = ["loss_curves", "metric_bars", "ratio_sweep", "roi_quality_curve"]
 
 
 def _fig(w: float = 5.5, h: float = 3.5):
@@ -30,18 +34,30 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
+def _loss_series(path: Path) -> tuple[list[int], list[float]]:
+    """(steps, losses) of the rows of a run's ``metrics.csv`` that have a loss (columns by name, as
+    :mod:`mwm.train.metrics` writes them; read here so that report does not import train)."""
+    import csv
+
+    steps, losses = [], []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            if r.get("loss"):
+                steps.append(int(r["step"]))
+                losses.append(float(r["loss"]))
+    return steps, losses
+
+
 def loss_curves(runs: dict[str, str | Path], path: str | Path, title: str = "pretraining loss") -> Path | None:
     """One line per run: masked-patch loss vs optimizer step from each run's ``metrics.csv``."""
-    from ..train.metrics import read_metrics
-
     plt, fig, ax = _fig()
     drawn = 0
     for name, csv_path in runs.items():
         if not Path(csv_path).is_file():
             continue
-        rows = [r for r in read_metrics(csv_path) if r.get("loss") is not None]
-        if rows:
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name, lw=1.4)
+        steps, losses = _loss_series(Path(csv_path))
+        if steps:
+            ax.plot(steps, losses, label=name, lw=1.4)
             drawn += 1
     if not drawn:
         plt.close(fig)
@@ -104,49 +120,3 @@ def roi_quality_curve(points: list[tuple[str, float, float, float, float | None]
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return _save(plt, fig, Path(path))
-
-
-def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
-    """Per task: bars of the first main metric per arm; a mask-ratio sweep when ≥ 2 arms of one strategy (and
-    one ROI source) differ in realised ratio; loss curves of every arm's first seed."""
-    from ..bench.runner import run_dir
-    from ..bench.tables import MAIN_METRICS, choose_baseline, describe_rois, summarize
-
-    out = Path(out)
-    paths: list[Path] = []
-    summary = summarize(cfg, rows)
-    for task in cfg.tasks:
-        metric = MAIN_METRICS[task.kind][0]
-        recs = [r for r in summary if r["task"] == task.label and r["metric"] == metric]
-        if recs:
-            paths.append(metric_bars([r["arm"] for r in recs], [r["mean"] for r in recs], [r["std"] for r in recs],
-                                     out / f"{task.label}_{metric}.png", metric, f"{cfg.name}: {task.label}"))
-        pts: dict[str, list] = {}
-        for arm in cfg.arms:
-            sel = [r for r in rows if r["arm"] == arm.name and r["task"] == task.label and r.get(metric) is not None
-                   and r.get("realised_mask_ratio") is not None]
-            if sel:
-                vals = [r[metric] for r in sel]
-                line = arm.strategy if arm.rois is None else f"{arm.strategy}, {describe_rois(arm.rois)}"
-                pts.setdefault(line, []).append(
-                    (float(np.mean([r["realised_mask_ratio"] for r in sel])), float(np.mean(vals)),
-                     float(np.std(vals, ddof=1)) if len(vals) > 1 else None))
-        pts = {k: v for k, v in pts.items() if len({round(p[0], 2) for p in v}) >= 2}  # a line needs 2 ratios
-        if pts:
-            paths.append(ratio_sweep(pts, out / f"{task.label}_sweep.png", metric,
-                                     f"{cfg.name}: {task.label} vs mask ratio"))
-        quality = []
-        for r in recs:
-            q = [x for x in rows if x["arm"] == r["arm"] and x["task"] == task.label and x.get("roi_precision") is not None]
-            if q and "diff" in r:
-                quality.append((r["arm"], float(np.mean([x["roi_precision"] for x in q])),
-                                float(np.mean([x["roi_recall"] for x in q])), r["diff"], r.get("diff_ci")))
-        if len(quality) >= 2:
-            paths.append(roi_quality_curve(quality, out / f"{task.label}_roi_quality.png", metric,
-                                           choose_baseline(cfg, rows), f"{cfg.name}: {task.label} vs ROI quality"))
-    curves = {a.name: run_dir(cfg, a.name, cfg.seeds_of(a)[0]) / "pretrain" / "metrics.csv"
-              for a in cfg.arms if a.pretrain}
-    p = loss_curves(curves, out / "pretrain_loss.png", f"{cfg.name}: pretraining loss (each arm's first seed)")
-    if p is not None:
-        paths.append(p)
-    return paths

@@ -1,21 +1,24 @@
 """`PretrainConfig`: everything `mwm pretrain` does, typed and validated (pydantic, ``extra="forbid"``).
 
-The MIM model is a nested :class:`~mwm.mim.SparKConfig` (timm CNNs) or :class:`~mwm.mim.MAEConfig` (timm ViTs),
-picked by ``model.method``; when a YAML/``--set`` config leaves ``method`` out it is inferred from the arch name
-(``vit*``/``deit*`` → ``mae``, else ``spark``). ``model.size`` is the decode size too, so the two can never
-disagree.
+The method is a nested config of the class its ``model.method`` names in the method registry
+(:mod:`mwm.train.methods`): :class:`~mwm.mim.SparKConfig` (``spark``, timm CNNs), :class:`~mwm.mim.MAEConfig`
+(``mae``, timm ViTs) or any registered method's; when a YAML/``--set`` config leaves ``method`` out it is inferred
+from the arch name (``vit*``/``deit*`` → ``mae``, else ``spark``). ``model.size`` is the decode size too, so the
+two can never disagree.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..data.types import ReadOptions
-from ..masking import AnyMaskingConfig, MaskingConfig, strategy_requires, visible_count
-from ..mim import MAEConfig, SparKConfig
+from ..data.paired import AugmentConfig
+from ..masking import AnyMaskingConfig, MaskingConfig, strategy_requires
+from ..mim import SparKConfig
+from .methods.registry import AnyMethodConfig, method_spec
 
 __all__ = ["PretrainConfig", "AugmentConfig", "RESUME_MAY_CHANGE", "SPAWN_STRATEGIES"]
 
@@ -53,35 +56,6 @@ def _infer_method(arch: str) -> str:
     return "mae" if a.startswith(("vit", "deit", "eva", "beit")) else "spark"
 
 
-class AugmentConfig(BaseModel):
-    """Paired geometric augmentation (image and ROI boxes in the same call, see :mod:`mwm.train.augment`).
-
-    SparK and MAE pretrain with RandomResizedCrop(scale=(0.2 or 0.67, 1)) + horizontal flip on ImageNet; medical
-    scans are framed consistently and a crop that loses most of the ROI also loses the point of guided masking,
-    so the default scale is (0.5, 1)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = Field(default=0.5, ge=0, le=1, description="probability of a horizontal flip")
-
-    @field_validator("crop_scale", "crop_ratio")
-    @classmethod
-    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (0 < v[0] <= v[1]):
-            raise ValueError(f"need 0 < low <= high, got {v}")
-        return v
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[1] > 1:
-            raise ValueError(f"crop_scale is a fraction of the image area, at most 1; got {v}")
-        return v
-
-
 class PretrainConfig(BaseModel):
     """Stage 2: masked image modeling with a (guided) masker, on Lightning Fabric.
 
@@ -112,7 +86,7 @@ class PretrainConfig(BaseModel):
     normalize: bool = Field(default=True, description="normalize inputs with the timm arch's mean/std (as "
                                                       "fine-tuning with timm's data config will)")
     # -- model and masking -------------------------------------------------------------------------------------
-    model: Annotated[Union[SparKConfig, MAEConfig], Field(discriminator="method")] = SparKConfig()
+    model: AnyMethodConfig = SparKConfig()  # the class of its `method` (mwm.train.methods registry)
     init: str = Field(default="none", description="encoder init: none, imagenet (timm's weights for the arch, "
                       "online) or a file: a timm checkpoint (.pth/.safetensors) or a run's encoder.pth")
     init_sha256: str | None = Field(default=None, description="sha256 of the init weights, filled in by the run "
@@ -158,7 +132,7 @@ class PretrainConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _model_method(cls, data: Any) -> Any:
-        # The discriminated union needs ``method``; a user who only sets arch/size should not have to know it.
+        # ``method`` picks the config class (the registry); a user who only sets arch/size should not have to know it.
         if isinstance(data, dict) and isinstance(data.get("model"), dict) and "method" not in data["model"]:
             m = dict(data["model"])
             m["method"] = _infer_method(str(m.get("arch", "resnet50")))
@@ -193,11 +167,9 @@ class PretrainConfig(BaseModel):
         if "text" in requires:
             raise ValueError(f"masking strategy '{strategy}' needs per-image text, which `mwm pretrain` does not "
                              "load yet")
-        if self.model.method == "mae" and visible_count(self.masking, 16) is None:
-            raise ValueError("the MAE (ViT) path drops masked tokens and needs the same visible count in every "
-                             f"image; the '{strategy}' strategy varies it (the two-level 'roi' with ROI size). Use "
-                             "--masking roi_overall (MWM at a fixed overall ratio), soft, topk, saliency_soft, "
-                             "saliency_topk or random")
+        check = getattr(method_spec(self.model.method).factory, "check_config", None)
+        if check is not None:
+            check(self)  # the method's own rules, e.g. MAE needs a fixed visible count
         _check_pretrain_options(self)
         if self.model.in_chans != 3:
             raise ValueError(f"model.in_chans must be 3: pretraining decodes 3-channel images so the exported "

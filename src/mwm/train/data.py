@@ -86,23 +86,13 @@ class _Limited:
         return list(self._idx)
 
 
-def _pick_split(src, split: str | None) -> str:
-    present = sorted({s for s in src.splits if s})
-    if split in (None, ""):
-        return "train" if "train" in present else "all"
-    if split != "all" and split not in present:
-        raise DataError(f"{src.root}: no images in split '{split}'; the splits present are "
-                        f"{', '.join(present) if present else 'none (use --split all)'}")
-    return split
-
-
 def load_pretrain_data(cfg: PretrainConfig, progress=None) -> PretrainData:
     """Decode ``cfg.data`` (split, limit) at ``cfg.model.size`` with 3 channels and join ``cfg.rois``.
     ``progress(n)`` is called per decoded image."""
-    from ..data import decode, open_source
+    from ..data import decode, open_source, pick_split
 
     src = open_source(cfg.data, cfg.read)
-    split = _pick_split(src, cfg.split)
+    split = pick_split(src, cfg.split)
     if cfg.limit is not None:
         # decode only what is used
         view = _Limited(src, src.indices(None if split == "all" else split)[: cfg.limit])
@@ -173,7 +163,7 @@ def join_rois(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, polic
     Returns (boxes per image: float32 (M, 4), stats dict).
     """
     from ..data import Fit
-    from ..localize.manifest import read_manifest, usable_boxes
+    from ..rois.manifest import read_manifest, usable_boxes
 
     recs = {r["image"]: r for r in read_manifest(manifest)}
     missing = [i for i in ids if i not in recs]
@@ -287,7 +277,7 @@ def join_saliency(ids: list[str], orig_sizes: np.ndarray, manifest, size: int, p
     when a named file is missing (naming it).
     Returns (uint8 (N, size, size), stats: with_saliency, without_saliency, missing, share, resize).
     """
-    from ..localize.manifest import read_manifest
+    from ..rois.manifest import read_manifest
 
     recs = {r["image"]: r for r in read_manifest(manifest)}
     if not any(r.get("saliency") for r in recs.values()):

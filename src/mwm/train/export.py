@@ -35,9 +35,10 @@ def _torchvision_resnet(sd: dict) -> bool:
 
 def export_encoder(mim_model: nn.Module, out: str | Path, arch: str, extra: dict | None = None) -> dict[str, Path]:
     """Write encoder.pth (+ encoder_d2.pth for torchvision-style ResNets) and encoder.json into ``out``.
-    ``mim_model``: a SparK/MAE model (``encoder_state_dict()``). Returns the paths written."""
+    ``mim_model``: what a method's ``encoder()`` gives: a SparK/MAE model (``encoder_state_dict()``) or a module
+    whose ``state_dict()`` is in timm's names. Returns the paths written."""
     out = Path(out)
-    sd = mim_model.encoder_state_dict()
+    sd = mim_model.encoder_state_dict() if hasattr(mim_model, "encoder_state_dict") else mim_model.state_dict()
     paths = {"encoder": out / "encoder.pth"}
     save_or_explain(sd, paths["encoder"], out)
     if _torchvision_resnet(sd):

@@ -94,10 +94,20 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig, world_size: int) -> t
 
 # -- the pretraining schedule (SparK's lr_wd_annealing) ---------------------------------------------------------
 
+def _method_schedule(method: str) -> dict[str, float | None]:
+    """The reference schedule ends of ``method``: its class's ``schedule_defaults`` (mwm.train.methods), else
+    :data:`SCHEDULE_DEFAULTS` (SparK's for methods that name none)."""
+    from .methods import METHODS
+
+    spec = METHODS.get(method)
+    own = getattr(spec.factory, "schedule_defaults", None) if spec is not None else None
+    return own or SCHEDULE_DEFAULTS.get(method, SCHEDULE_DEFAULTS["spark"])
+
+
 def resolve_schedule(cfg: PretrainConfig) -> dict[str, float]:
     """``warmup_start_ratio``, ``final_lr_ratio``, ``weight_decay`` and ``weight_decay_end`` of this run: the
     config's values, unset ones from :data:`SCHEDULE_DEFAULTS` of ``cfg.model.method``."""
-    ref = SCHEDULE_DEFAULTS.get(cfg.model.method, SCHEDULE_DEFAULTS["spark"])
+    ref = _method_schedule(cfg.model.method)
 
     def pick(name: str):
         v = getattr(cfg, name)
@@ -146,9 +156,10 @@ class LrWdScheduler(torch.optim.lr_scheduler.LambdaLR):
     ``wd_scale`` (:func:`param_groups`) to ``wd(t) · wd_scale``, as SparK's ``lr_wd_annealing`` does each step.
 
     Stepped once per optimizer step, after ``optimizer.step()``: after ``k`` steps the groups hold lr and wd of
-    step ``k``. Resume: :meth:`load_state_dict` takes the position (``last_epoch``) from the checkpoint and keeps
-    this run's schedule (its length may differ when ``epochs`` changed), then re-applies lr and wd for the
-    current step.
+    step ``k``. Its :meth:`state_dict` is the position only (``last_epoch``, ``base_lrs``, …): the schedule itself
+    comes from the run's config, so a resumed run with another ``epochs`` gets its own length. :meth:`load_state_dict`
+    restores the position and re-applies lr and wd for the current step (a checkpoint that also holds the lambda's
+    numbers, as written before issue 13, has them ignored).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: SparKSchedule):
@@ -168,10 +179,14 @@ class LrWdScheduler(torch.optim.lr_scheduler.LambdaLR):
             if "wd_scale" in g:
                 g["weight_decay"] = wd * g["wd_scale"]
 
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("lr_lambdas", None)  # the schedule is the config's, not the checkpoint's
+        return state
+
     def load_state_dict(self, state_dict: dict) -> None:
-        plan = dict(self.schedule.__dict__)  # this run's schedule (from its config)
-        super().load_state_dict(state_dict)  # restores last_epoch, base_lrs … and the saved lambda's numbers
-        self.schedule.__dict__.update(plan)
+        position = {k: v for k, v in state_dict.items() if k != "lr_lambdas"}
+        torch.optim.lr_scheduler.LRScheduler.load_state_dict(self, position)  # __dict__ update, lambdas untouched
         f = self.schedule(self.last_epoch)
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = base * f

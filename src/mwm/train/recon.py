@@ -13,22 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..report.overlays import draw_boxes, gray_rgb, hstack, save_png, upscale
+# MASKED_GRAY and vstack live in report (a leaf: it imports nothing from train); re-exported here
+from ..report.overlays import MASKED_GRAY, draw_boxes, gray_rgb, hstack, save_png, upscale, vstack
 
-__all__ = ["ReconSet", "render_recon", "vstack"]
-
-MASKED_GRAY = 0.5  # masked patches are shown flat gray: distinct from black borders and bright anatomy
-
-
-def vstack(rows: list[np.ndarray], gap: int = 4) -> np.ndarray:
-    """uint8 (H_i, W_i, 3) rows → one image, left-aligned, white gaps."""
-    w = max(r.shape[1] for r in rows)
-    out = []
-    for r in rows:
-        if r.shape[1] < w:
-            r = np.pad(r, ((0, 0), (0, w - r.shape[1]), (0, 0)), constant_values=255)
-        out += [r, np.full((gap, w, 3), 255, np.uint8)]
-    return np.concatenate(out[:-1], axis=0)
+__all__ = ["ReconSet", "render_recon", "vstack", "MASKED_GRAY"]
 
 
 class ReconSet:

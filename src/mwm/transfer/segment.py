@@ -44,7 +44,7 @@ from torch import nn
 from ..data.paired import paired_crop_flip
 from ..engine import Precision, build_scheduler, device_fabric, seed_all
 from ..errors import DataError, MWMError
-from ..train.config import AugmentConfig
+from ..data.paired import AugmentConfig
 from ..weights import BackboneSpec, create_backbone, resolve_weights
 from .config import TransferConfig
 from .results import TaskMetrics
@@ -455,7 +455,7 @@ def _save_examples(path: Path, model, batch, te: np.ndarray, fg: np.ndarray, dat
     """A row per test image: the image | ground truth (green) | prediction (red); images with a non-empty mask
     first, evenly spaced through the test split."""
     from ..report.overlays import gray_rgb, hstack, save_png, tint, upscale
-    from ..train.recon import vstack
+    from ..report.overlays import vstack
 
     pos, neg = te[fg[te]], te[~fg[te]]
     pick = [int(pos[j]) for j in np.linspace(0, len(pos) - 1, min(k, len(pos))).round().astype(int)] if len(pos) else []
