@@ -12,6 +12,7 @@ Example (configs/bench/br35h_r18_64.yaml)::
     arms:
       - {name: scratch, pretrain: false}
       - {name: random-0.6, masking: {strategy: random, ratio: 0.6}}
+      - {name: mae-0.75, method: mae, model: {arch: vit_tiny_patch16_224}, masking: {strategy: random, ratio: 0.75}}
       - {name: mwm-0.8-0.2, masking: {strategy: roi, ratio_in: 0.8, ratio_out: 0.2}}
       - {name: mwm-degraded, masking: {strategy: roi, ratio_in: 0.8, ratio_out: 0.2},
          rois: {source: gt-boxes, perturb: {precision: 0.3, recall: 0.9}, seed: 0}}
@@ -22,6 +23,12 @@ Example (configs/bench/br35h_r18_64.yaml)::
 
 Every arm × seed pretrains (unless ``pretrain: false``: the no-pretraining arm, random init) with the shared
 ``pretrain`` options + the arm's, then runs every task on the exported encoder with that seed.
+
+An arm names its pretraining ``method`` (a name of :mod:`mwm.train.methods`' registry: spark, the default, mae,
+…; checked when the file loads) and that method's own options in ``model`` (over the bench's ``arch`` / ``size`` /
+``pretrain.model``). The shared ``pretrain.model`` keys reach an arm only when its method has them (``mask_stride``
+means nothing to a contrastive method); a key no registered method has is an error. An arm without ``method`` is
+exactly the SparK arm it was before methods could be named: its pretraining identity is unchanged.
 """
 
 from __future__ import annotations
@@ -29,11 +36,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from ..rois.perturb import PerturbConfig
 
-__all__ = ["BenchConfig", "ArmConfig", "RoiSourceConfig", "TaskConfig", "TASK_KINDS", "run_dir"]
+__all__ = ["BenchConfig", "ArmConfig", "RoiSourceConfig", "TaskConfig", "TASK_KINDS", "run_dir", "method_masks"]
 
 TASK_KINDS = ("linear", "full", "segment", "detect")
 
@@ -128,15 +135,34 @@ def _check_seeds(v: list[int]) -> list[int]:
     return v
 
 
+def method_masks(name: str) -> bool:
+    """Whether the registered pretraining method ``name`` draws keep-masks with a masking strategy (its arms have a
+    ``masking`` and a strategy column): the MIM methods (:class:`~mwm.train.methods.MaskedImageModeling`
+    subclasses), or a class that says so with ``draws_masks = True``; contrastive methods do not."""
+    from ..train.methods import MaskedImageModeling, method_spec
+
+    factory = method_spec(name).factory
+    flag = getattr(factory, "draws_masks", None)
+    if flag is not None:
+        return bool(flag)
+    return isinstance(factory, type) and issubclass(factory, MaskedImageModeling)
+
+
 class ArmConfig(BaseModel):
-    """One pretraining arm: a name, the masking (``mwm.masking.MaskingConfig`` fields) and any other
-    ``PretrainConfig`` overrides; ``pretrain: false`` makes the no-pretraining (random init) arm. ``rois``
+    """One pretraining arm: a name, its pretraining ``method`` (default: the bench's ``pretrain.model.method``,
+    else spark) with the method's own ``model`` options, the masking (``mwm.masking.MaskingConfig`` fields) and any
+    other ``PretrainConfig`` overrides; ``pretrain: false`` makes the no-pretraining (random init) arm. ``rois``
     overrides the bench's ROI source for this arm (e.g. gt-boxes for one arm, a localize manifest for another)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     pretrain: bool = True
+    method: str | None = Field(default=None, description="the pretraining method (a registered name: spark, mae, "
+                               "…); default the bench's pretrain.model.method, else spark")
+    model: dict[str, Any] = Field(default_factory=dict, description="the method's own options (its config "
+                                  "class's fields, e.g. {arch: vit_tiny_patch16_224, decoder_depth: 2}), over "
+                                  "the bench's arch / size / pretrain.model")
     masking: dict[str, Any] = Field(default_factory=dict)
     rois: RoiSourceConfig | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="more PretrainConfig overrides")
@@ -149,9 +175,42 @@ class ArmConfig(BaseModel):
     def _seeds(cls, v: list[int] | None) -> list[int] | None:
         return v if v is None else _check_seeds(v)
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str | None) -> str | None:
+        if v is not None:
+            from ..train.methods import method_spec
+
+            method_spec(v)  # ValueError: "unknown pretraining method 'x'; choose one of [...]" (the registry's)
+        return v
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "ArmConfig":
+        if not self.pretrain and (self.method is not None or self.model):
+            raise ValueError(f"arm '{self.name}' does not pretrain (pretrain: false); remove its method / model")
+        if "method" in self.model:
+            raise ValueError(f"arm '{self.name}': give the method as the arm's `method:`, not model.method")
+        if self.method is not None and self.masking and not method_masks(self.method):
+            raise ValueError(f"arm '{self.name}': method '{self.method}' draws no masks; remove its masking")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # method / model at their defaults are left out, so the config.yaml of a bench made before arms could name
+        # a method dumps as it did (shards of one bench compare their dumps)
+        d = handler(self)
+        if self.method is None:
+            d.pop("method", None)
+        if not self.model:
+            d.pop("model", None)
+        return d
+
     @property
     def strategy(self) -> str | None:
-        return self.masking.get("strategy", "random") if self.pretrain else None
+        """The masking strategy (None: no pretraining, or a method that draws no masks)."""
+        if not self.pretrain or (self.method is not None and not method_masks(self.method)):
+            return None
+        return self.masking.get("strategy", "random")
 
 
 class TaskConfig(BaseModel):
@@ -224,6 +283,17 @@ class BenchConfig(BaseModel):
         if mapless:
             raise ValueError(f"arms {mapless} mask by saliency maps: give them rois: {{source: manifest, path: "
                              "LOC/rois.jsonl}} from `mwm localize --save-saliency` (boxes carry no maps)")
+        targetless = [a.name for a in self.arms if (a.rois or self.rois).source != "manifest" and self.map_target(a)]
+        if targetless:
+            raise ValueError(f"arms {targetless} reconstruct Meijering maps (model.target): give them rois: "
+                             "{source: manifest, path: MAPS/rois.jsonl} from `mwm importance meijering`")
+        from ..train.methods import method_spec
+
+        for m in dict.fromkeys(self.method_of(a) for a in self.arms if a.pretrain):  # a model.method of the blocks
+            method_spec(m)  # "unknown pretraining method 'x'; choose one of [...]"
+        maskless = [a.name for a in self.arms if a.pretrain and a.masking and not method_masks(self.method_of(a))]
+        if maskless:
+            raise ValueError(f"arms {maskless}: their method draws no masks; remove their masking")
         names = [a.name for a in self.arms]
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline '{self.baseline}' is not an arm; arms are {names}")
@@ -240,6 +310,52 @@ class BenchConfig(BaseModel):
         if len(set(labels)) != len(labels):
             raise ValueError(f"task names must be unique (give `name:` to repeated kinds): {labels}")
         return self
+
+    def method_of(self, arm: ArmConfig) -> str | None:
+        """The arm's pretraining method: its ``method``, else ``model.method`` of its ``options`` or of the bench's
+        ``pretrain``, else spark; None for the no-pretraining arm."""
+        if not arm.pretrain:
+            return None
+        if arm.method is not None:
+            return arm.method
+        opts = {**self.pretrain, **arm.options}
+        model = opts.get("model")
+        return (model.get("method") if isinstance(model, dict) else None) or "spark"
+
+    def arm_model(self, arm: ArmConfig) -> dict[str, Any]:
+        """The ``PretrainConfig.model`` fields of ``arm``: the bench's arch and size, ``model`` of the arm's
+        ``options`` (else of the bench's ``pretrain``), the arm's ``model``, and its ``method`` when it names one.
+        A shared ``pretrain.model`` key the arm's method does not have (but another registered method has: e.g.
+        SparK's ``mask_stride`` for a contrastive arm) is left out for that arm; a key no method has stays (and fails
+        validation, naming it)."""
+        from ..train.methods import METHODS
+
+        own = "model" in arm.options
+        model = {"arch": self.arch, "size": self.size, **(arm.options if own else self.pretrain).get("model", {})}
+        method = self.method_of(arm) or "spark"
+        if not own and method != "spark" and method in METHODS:
+            mine = METHODS[method].config.model_fields
+            anyone = {f for spec in METHODS.values() for f in spec.config.model_fields}
+            model = {k: v for k, v in model.items() if k in mine or k not in anyone}
+        model.update(arm.model)
+        if arm.method is not None:
+            model["method"] = arm.method
+        return model
+
+    def map_target(self, arm: ArmConfig) -> bool:
+        """The arm reconstructs a map, not the pixels (``model.target: meijering``, M&M reading (b)): it pretrains on
+        the maps of its ROI source (a ``mwm importance meijering`` manifest)."""
+        return arm.pretrain and self.arm_model(arm).get("target", "pixels") != "pixels"
+
+    def strategy_of(self, arm: ArmConfig) -> str | None:
+        """The arm's masking strategy; None without pretraining or with a method that draws no masks."""
+        method = self.method_of(arm)
+        return None if method is None or not method_masks(method) else arm.masking.get("strategy", "random")
+
+    def arch_of(self, arm: ArmConfig) -> str:
+        """The timm arch the arm's encoder has (its tasks build this): the bench's ``arch`` unless a pretraining
+        arm's model options set another (e.g. a ViT for an MAE arm)."""
+        return str(self.arm_model(arm).get("arch") or self.arch) if arm.pretrain else self.arch
 
     def seeds_of(self, arm: ArmConfig) -> list[int]:
         """The arm's own seeds, else the bench's."""
@@ -265,7 +381,7 @@ class BenchConfig(BaseModel):
             return None
         if self.baseline:
             return self.baseline
-        return next((a.name for a in self.arms if a.pretrain and a.strategy == "random"), None)
+        return next((a.name for a in self.arms if self.strategy_of(a) == "random"), None)
 
 
 def run_dir(cfg: BenchConfig, arm: str, seed: int) -> Path:

@@ -15,8 +15,8 @@ __all__ = ["bench_plots"]
 
 
 def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
-    """Per task: bars of the first main metric per arm; a mask-ratio sweep when ≥ 2 arms of one strategy (and
-    one ROI source) differ in realised ratio; loss curves of every arm's first seed."""
+    """Per task: bars of the first main metric per arm; a mask-ratio sweep (a line per method × strategy, and the
+    arm's own ROI source) when ≥ 2 of its arms differ in realised ratio; loss curves of every arm's first seed."""
     out = Path(out)
     paths: list[Path] = []
     summary = summarize(cfg, rows)
@@ -27,12 +27,15 @@ def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
             paths.append(metric_bars([r["arm"] for r in recs], [r["mean"] for r in recs], [r["std"] for r in recs],
                                      out / f"{task.label}_{metric}.png", metric, f"{cfg.name}: {task.label}"))
         pts: dict[str, list] = {}
+        several = len({cfg.method_of(a) for a in cfg.arms if a.pretrain}) > 1
         for arm in cfg.arms:
             sel = [r for r in rows if r["arm"] == arm.name and r["task"] == task.label and r.get(metric) is not None
                    and r.get("realised_mask_ratio") is not None]
             if sel:
                 vals = [r[metric] for r in sel]
-                line = arm.strategy if arm.rois is None else f"{arm.strategy}, {describe_rois(arm.rois)}"
+                # one line per method × strategy (× the arm's own ROI source); the method named when there are two
+                line = f"{cfg.method_of(arm)} {cfg.strategy_of(arm)}" if several else str(cfg.strategy_of(arm))
+                line = line if arm.rois is None else f"{line}, {describe_rois(arm.rois)}"
                 pts.setdefault(line, []).append(
                     (float(np.mean([r["realised_mask_ratio"] for r in sel])), float(np.mean(vals)),
                      float(np.std(vals, ddof=1)) if len(vals) > 1 else None))

@@ -55,10 +55,12 @@ TASKS: dict[str, tuple[str, str, str, dict]] = {
 
 # -- configs of the parts (one place, used by validation and by the runner) ----------------------------------
 
-def _guided(arm: ArmConfig) -> bool:
+def _guided(arm: ArmConfig, cfg: BenchConfig | None = None) -> bool:
+    """The arm pretrains on an ROI manifest: a guided strategy, or a map target (``model.target``: the manifest's
+    maps are what it reconstructs)."""
     from ..masking import NEEDS_ROI
 
-    return arm.pretrain and arm.strategy in NEEDS_ROI
+    return arm.pretrain and (arm.strategy in NEEDS_ROI or cfg is not None and cfg.map_target(arm))
 
 
 def roi_sources(cfg: BenchConfig) -> dict[str, tuple[RoiSourceConfig, Path] | None]:
@@ -66,7 +68,7 @@ def roi_sources(cfg: BenchConfig) -> dict[str, tuple[RoiSourceConfig, Path] | No
     out: dict[str, tuple[RoiSourceConfig, Path] | None] = {}
     for arm in cfg.arms:
         src = cfg.rois_for(arm)
-        if not _guided(arm):
+        if not _guided(arm, cfg):
             out[arm.name] = None
         elif src.source == "manifest":
             out[arm.name] = (src, Path(src.path))
@@ -84,12 +86,14 @@ def roi_sources(cfg: BenchConfig) -> dict[str, tuple[RoiSourceConfig, Path] | No
 
 def pretrain_config(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, resume: bool = False):
     """The PretrainConfig of ``arm`` × ``seed``: the bench's ``pretrain`` options, then the arm's ``options``
-    and ``masking``, and the bench's data / arch / size / seed / device. Raises pydantic's ValidationError."""
+    and ``masking``, the arm's method and model options (:meth:`BenchConfig.arm_model`), and the bench's data /
+    seed / device. Raises pydantic's ValidationError."""
     from ..train import PretrainConfig
 
     opts = {**cfg.pretrain, **arm.options}
-    model = {"arch": cfg.arch, "size": cfg.size, **opts.pop("model", {})}
-    guided = _guided(arm)
+    opts.pop("model", None)
+    model = cfg.arm_model(arm)  # the arm's method and its options (an arm without `method:` is SparK, as before)
+    guided = _guided(arm, cfg)
     return PretrainConfig.model_validate({
         **opts, "data": cfg.data, "out": run_dir(cfg, arm.name, seed) / "pretrain", "seed": seed, "model": model,
         "masking": arm.masking, "rois": rois if guided else None,
@@ -97,14 +101,16 @@ def pretrain_config(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | No
         **({"accelerator": cfg.device} if cfg.device != "auto" and "accelerator" not in opts else {})})
 
 
-def task_config(cfg: BenchConfig, task: TaskConfig, seed: int, weights: str, out: Path) -> BaseModel:
+def task_config(cfg: BenchConfig, task: TaskConfig, seed: int, weights: str, out: Path,
+                arch: str | None = None) -> BaseModel:
     """The config of ``task`` (FinetuneConfig / SegmentConfig / DetectConfig) for one arm's ``weights`` and
-    ``seed``, written to ``out``. Raises pydantic's ValidationError."""
+    ``seed``, written to ``out``; ``arch``: the arm's encoder (:meth:`BenchConfig.arch_of`; default the bench's).
+    Raises pydantic's ValidationError."""
     module, cls_name, _, extra = TASKS[task.kind]
     cls = getattr(importlib.import_module(module), cls_name)
     return cls.model_validate({
         "size": cfg.size, **task.options, **extra, "data": cfg.data, "out": out, "weights": weights,
-        "arch": cfg.arch, "seed": seed, **({"device": cfg.device} if cfg.device != "auto" else {})})
+        "arch": arch or cfg.arch, "seed": seed, **({"device": cfg.device} if cfg.device != "auto" else {})})
 
 
 def _weights(cfg: BenchConfig, arm: ArmConfig, seed: int) -> str:
@@ -117,6 +123,8 @@ def _pretrain_key(cfg: BenchConfig, arm: ArmConfig, loc: tuple) -> str:
     top = loc[0] if loc else None
     if top == "masking":
         return f"arms[{arm.name}].masking" + key[len("masking"):]
+    if top == "model" and len(loc) > 1 and (loc[1] in arm.model or loc[1] == "method" and arm.method is not None):
+        return f"arms[{arm.name}].{'method' if loc[1] == 'method' else 'model' + key[len('model'):]}"
     if top in arm.options:
         return f"arms[{arm.name}].options.{key}"
     if top in cfg.pretrain:
@@ -149,7 +157,8 @@ def check_bench(cfg: BenchConfig) -> None:
             if not task.runs_on(arm.name):
                 continue
             try:
-                task_config(cfg, task, seed, _weights(cfg, arm, seed), run_dir(cfg, arm.name, seed) / task.label)
+                task_config(cfg, task, seed, _weights(cfg, arm, seed), run_dir(cfg, arm.name, seed) / task.label,
+                            cfg.arch_of(arm))
             except ValidationError as e:
                 def where(loc: tuple, task: TaskConfig = task) -> str:
                     key = ".".join(str(p) for p in loc)
@@ -274,13 +283,14 @@ def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
     """The arm's finished pretraining summary (running or resuming it when ``build``), else None."""
     from .. import train
 
-    if _guided(arm) and rois is None:
+    if _guided(arm, cfg) and rois is None:
         return None  # tables only, and the ROI manifest is missing or not current
     pc = pretrain_config(cfg, arm, seed, rois)
     out = Path(pc.out)
     from ..masking import NEEDS_SALIENCY
 
-    maps = saliency_identity(Path(pc.rois)) if pc.rois is not None and arm.strategy in NEEDS_SALIENCY else None
+    reads_maps = arm.strategy in NEEDS_SALIENCY or cfg.map_target(arm)
+    maps = saliency_identity(Path(pc.rois)) if pc.rois is not None and reads_maps else None
     part = Part(f"pretrain {arm.name} seed {seed}", out, out / "summary.json",
                 pretrain_identity(pc, None if pc.rois is None else sha(Path(pc.rois)), maps), config=pc)
     state = store.check(part, retire=build, quiet=quiet)
@@ -290,14 +300,15 @@ def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
         return None
     resume = state == "partial" and (out / "checkpoints" / "last.pt").is_file()
     store.write_record(part)
-    log(f"pretrain {arm.name} seed {seed} ({pc.masking.strategy}, {pc.epochs} epochs{', resuming' if resume else ''})")
+    how = pc.model.method + (f", {pc.masking.strategy}" if cfg.strategy_of(arm) else "")
+    log(f"pretrain {arm.name} seed {seed} ({how}, {pc.epochs} epochs{', resuming' if resume else ''})")
     return train.pretrain(pc.model_copy(update={"resume": resume}))
 
 
 def _task(cfg: BenchConfig, task: TaskConfig, arm: str, weights: str, encoder_sha: str | None, seed: int, out: Path,
-          store: PartStore, log: Callable, build: bool, quiet: bool = False) -> dict | None:
+          store: PartStore, log: Callable, build: bool, quiet: bool = False, arch: str | None = None) -> dict | None:
     """The task's finished metrics (running it when ``build``), else None."""
-    tc = task_config(cfg, task, seed, weights, out)
+    tc = task_config(cfg, task, seed, weights, out, arch)
     part = Part(f"{task.label} on {arm} seed {seed}", out, out / "metrics.json",
                 task_identity(task.kind, tc, encoder_sha), config=tc)
     state = store.check(part, retire=build, quiet=quiet)
@@ -355,10 +366,10 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
             continue
         t0 = time.perf_counter()
         metrics = _task(cfg, task, arm.name, weights, encoder_sha, seed, base / task.label, store, log, build,
-                        quiet)
+                        quiet, cfg.arch_of(arm))
         if metrics is not None:
             rows.append(result_row(arm, seed, task, metrics, summary, ratios, time.perf_counter() - t0,
-                                   quality or {}))
+                                   quality or {}, method=cfg.method_of(arm), strategy=cfg.strategy_of(arm)))
     return rows
 
 

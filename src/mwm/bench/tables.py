@@ -29,12 +29,18 @@ MAIN_METRICS: dict[str, list[str]] = {
 
 
 def result_row(arm: ArmConfig, seed: int, task: TaskConfig, metrics: dict, summary: dict, ratios: dict,
-               task_seconds: float, roi_quality: dict | None = None) -> dict:
-    """One flat row: arm, strategy, the arm's nominal ratios, seed, task, every scalar metric, pretraining
-    seconds / final loss / mask grid, realised mask ratios, and the ROI quality of a guided arm's manifest
-    (``roi_precision`` / ``roi_recall`` against the data's masks)."""
+               task_seconds: float, roi_quality: dict | None = None, method: str | None = "",
+               strategy: str | None = "") -> dict:
+    """One flat row: arm, pretraining method, strategy, the arm's nominal ratios, seed, task, every scalar metric,
+    pretraining seconds / final loss / mask grid, realised mask ratios, and the ROI quality of a guided arm's
+    manifest (``roi_precision`` / ``roi_recall`` against the data's masks). ``method`` / ``strategy``: the bench's
+    resolution (:meth:`BenchConfig.method_of` / ``strategy_of``; None → "none"); default: the arm's own."""
     m = arm.masking
-    row = {"arm": arm.name, "strategy": arm.strategy or "none", "ratio": m.get("ratio"),
+    if method == "":
+        method = (arm.method or "spark") if arm.pretrain else None
+    if strategy == "":
+        strategy = arm.strategy
+    row = {"arm": arm.name, "method": method or "none", "strategy": strategy or "none", "ratio": m.get("ratio"),
            "ratio_in": m.get("ratio_in"), "ratio_out": m.get("ratio_out"), "seed": seed, "task": task.label,
            "kind": task.kind}
     for k, v in metrics.items():
@@ -134,10 +140,10 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
     for task in cfg.tasks:
         metrics = MAIN_METRICS[task.kind]
         lines += [f"## {task.label}", "",
-                  "| arm | mask grid | mask ratio (realised: all / ROI / bg) | ROI precision / recall "
+                  "| arm | method | mask grid | mask ratio (realised: all / ROI / bg) | ROI precision / recall "
                   "| pretrain s | n | "
                   + " | ".join(metrics) + (f" | Δ {metrics[0]} vs {base}" if base else "") + " |",
-                  "|---|---|---|---|---|---|" + "---|" * len(metrics) + ("---|" if base else "")]
+                  "|---|---|---|---|---|---|---|" + "---|" * len(metrics) + ("---|" if base else "")]
         for arm in cfg.arms:
             recs = {r["metric"]: r for r in summary if r["task"] == task.label and r["arm"] == arm.name}
             if not recs:
@@ -149,7 +155,8 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
                 return float(np.mean(v)) if v else None
 
             ratios = [avg("realised_mask_ratio"), avg("realised_mask_ratio_in"), avg("realised_mask_ratio_out")]
-            rtxt = " / ".join("–" if v is None else f"{v:.2f}" for v in ratios) if arm.pretrain else "no pretraining"
+            rtxt = (" / ".join("–" if v is None else f"{v:.2f}" for v in ratios) if cfg.strategy_of(arm)
+                    else "no masks" if arm.pretrain else "no pretraining")
             secs = avg("pretrain_seconds")
             grid = next((r["mask_grid"] for r in arm_rows if r.get("mask_grid")), "–")
             q = [avg("roi_precision"), avg("roi_recall")]
@@ -162,7 +169,8 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
                     cells.append(f"{first['diff'] * 100:+.1f}" + (f" ± {ci * 100:.1f}" if ci is not None else ""))
                 else:
                     cells.append("—")
-            lines.append(f"| {arm.name} | {grid} | {rtxt} | {qtxt} | {'–' if secs is None else f'{secs:.0f}'} | "
+            lines.append(f"| {arm.name} | {cfg.method_of(arm) or 'none'} | {grid} | {rtxt} | {qtxt} | "
+                         f"{'–' if secs is None else f'{secs:.0f}'} | "
                          f"{recs[metrics[0]]['n'] if metrics[0] in recs else 0} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -262,3 +262,38 @@ def _topk_diverse_policy(imp, batch, cfg) -> torch.Tensor:
     """MedIM's diversity variant of top-k at ``ratio``: ``top_share`` of the masked cells at random among the most
     important ones, the rest at random elsewhere (:func:`topk_diverse_keep`)."""
     return topk_diverse_keep(imp.score, cfg.ratio, cfg.top_share, batch.generator)
+
+
+def hard_then_random_keep(scores: torch.Tensor, ratio: float, n_hard: int, generator: torch.Generator | None = None,
+                          eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss-guided masking (HPM, Wang et al. CVPR 2023; AnatoMask, Li et al. ECCV 2024): of the
+    ``M = N − round(N·(1−ratio))`` masked cells per image, the ``n_hard`` with the highest score ("hardest") are
+    masked, the other ``M − n_hard`` are drawn uniformly among the remaining cells — the rule of HPM's
+    ``MaskedAutoencoderViT.generate_mask`` (``Haochen-Wang409/HPM``, ``models_mae_learn_loss.py``) and AnatoMask's
+    ``SparK.generate_mask`` (``ricklisz/AnatoMask``, ``.../pretrain/AnatoMask.py``), which loop over the images and
+    shuffle on the host; here one rank + one sort per batch, exact counts.
+
+    Args:
+        scores: (B, h, w) — higher = harder (masked first); compared within an image only.
+        ratio: the overall mask ratio (M as :func:`random_keep` counts it).
+        n_hard: hard cells per image, ``0 ≤ n_hard ≤ M`` (clamped); 0 = random masking.
+        eligible: optional bool (B, h, w): only these cells may count as hard (AnatoMask: the cells the teacher
+            had to reconstruct). An image with fewer eligible cells than ``n_hard`` masks all of them as hard and
+            draws the rest at random.
+
+    Returns:
+        keep (B, 1, h, w), True = visible; exactly ``N − M`` visible cells per image.
+    """
+    B, h, w = scores.shape
+    n = h * w
+    m = n - int(n_keep(n, ratio))
+    k = max(0, min(int(n_hard), m))
+    x = scores.reshape(B, n).float()
+    if eligible is not None:
+        x = x.masked_fill(~eligible.reshape(B, n), float("-inf"))
+    # the k highest scores (ties: the sort's order); -inf (not eligible) never counts as hard
+    hard = (_ranks(-x) < k) & (x > float("-inf"))
+    # keys: hard cells above every other cell, the others in random order; mask the M highest keys
+    key = hard.to(torch.float32) * 2 + _uniform(x.shape, generator, x.device)
+    masked = _ranks(-key) < m
+    return (~masked).view(B, 1, h, w)

@@ -126,18 +126,7 @@ class LightDecoder(nn.Module):
         # head): truncated-normal(0.02) convs, Kaiming (fan_out) for transposed convs, unit norms. SparK builds the
         # densify projections and norms in the SparK module, outside the decoder, so they keep PyTorch's default
         # init (Kaiming-uniform, a=√5, non-zero bias); the mask tokens are truncated-normal(0.02) at ±0.02 (above).
-        for m in [*self.blocks.modules(), self.head]:
-            if isinstance(m, nn.Conv2d):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.ConvTranspose2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        spark_decoder_init([*self.blocks.modules(), self.head])
 
     def densify(self, features: list[torch.Tensor], keep: torch.Tensor, coarse: str = "any") -> list[torch.Tensor]:
         """Sparse features (finest first) → dense decoder inputs, top level first. keep: (B, 1, h, w) bool at the
@@ -159,3 +148,20 @@ class LightDecoder(nn.Module):
                 x = x + dense[i]
             x = blk(x)
         return self.head(x)
+
+
+def spark_decoder_init(modules) -> None:
+    """SparK's ``LightDecoder.initialize`` on ``modules``: truncated-normal(0.02) convs, Kaiming (fan_out) transposed
+    convs, zero biases, unit norms (shared by the decoder and heads built like it, e.g. HPM's loss predictor)."""
+    for m in modules:
+        if isinstance(m, nn.Conv2d):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

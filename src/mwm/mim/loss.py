@@ -10,6 +10,15 @@ patch i with pixels x_i ∈ R^{p²C} and prediction ŷ_i,
 
 ``var`` is the unbiased variance over the patch's pixels as in the MAE and SparK reference code. Shared by the
 SparK and MAE paths: both predict an image-shaped (B, C, H, W) tensor in target space.
+
+**Reconstruction target** (``model.target`` of SparK and MAE, :data:`TARGETS`): ``pixels`` (the above, x = the
+input image) or ``meijering`` — M&M's reading (b). The seed paper 003 (M&M) has no code and no formula; it says
+the image is ridge-filtered "into an intermediate form for reconstruction" and that "Meijering-based masking"
+replaces random masking. Reading (a) (the ridge response as masking importance) is
+:mod:`mwm.importance.meijering`; reading (b) is this target: the model still sees the masked *image*, but the
+loss compares its prediction with the image's Meijering map (1 channel, in [0, 1], from a ``mwm importance
+meijering`` manifest, cropped and flipped with the image) — x_i above is the map's patch, with the same per-patch
+normalisation and the same masked patches. The decoder then predicts 1 channel (:func:`target_channels`).
 """
 
 from __future__ import annotations
@@ -18,7 +27,43 @@ import torch
 
 from .sparse import upsample_keep
 
-__all__ = ["patchify", "unpatchify", "masked_mse", "reconstruct"]
+__all__ = ["patchify", "unpatchify", "masked_mse", "reconstruct", "TARGETS", "target_channels", "target_for",
+           "dump_without_default_target"]
+
+# what the decoder reconstructs (see the module docstring); "pixels" is the default and is left out of config dumps
+TARGETS = ("pixels", "meijering")
+
+
+def target_field():
+    """The ``target`` option of SparK / MAE configs (one definition, so the two cannot drift apart)."""
+    from pydantic import Field
+
+    return Field(default="pixels", description="what the masked patches are reconstructed as: the image's pixels, "
+                 "or its Meijering ridge map (M&M reading (b), mwm.mim.loss; needs rois = a `mwm importance meijering` "
+                 "manifest)")
+
+
+def target_channels(target: str, in_chans: int) -> int:
+    """Channels the decoder predicts: the image's for ``pixels``, 1 for a map target (``meijering``)."""
+    return in_chans if target == "pixels" else 1
+
+
+def target_for(x: torch.Tensor, pred: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """The loss target: ``target`` (B, 1, H, W) when given (a map target), else the input ``x``. Raises
+    ``ValueError`` when the prediction's channels do not fit (a map-target model called without its map)."""
+    t = x if target is None else target
+    if t.shape[1] != pred.shape[1] or t.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"the model predicts {pred.shape[1]} channel(s) but the target is {tuple(t.shape)}: a model "
+                         "with model.target meijering needs target= (B, 1, H, W), the Meijering maps of the batch")
+    return t
+
+
+def dump_without_default_target(d: dict) -> dict:
+    """A SparK / MAE config dump with ``target`` left out at its default ``pixels``: the dumps of configs that do not
+    set it stay byte for byte what finished runs were identified by (tests/train/test_pinned_config.py)."""
+    if d.get("target") == "pixels":
+        d.pop("target")
+    return d
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -30,12 +30,12 @@ from typing import Literal
 
 import timm
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from .encoder import MaskedModel, encoder_state_dict_for_timm, grid_for
-from .loss import masked_mse, reconstruct, unpatchify
+from .loss import dump_without_default_target, target_field, masked_mse, reconstruct, target_channels, target_for, unpatchify
 
 __all__ = ["MAE", "MAEConfig", "ViTEncoder", "MAEDecoder", "create_mae", "visible_index", "sincos_pos_embed_2d"]
 
@@ -69,6 +69,11 @@ class MAEConfig(BaseModel):
                                    "tokens")
     mask_stride: int | None = Field(default=None, ge=2, description="pixels per mask cell; MAE masks whole tokens, "
                                     "so it can only be the patch size (set patch_size for a finer grid)")
+    target: Literal["pixels", "meijering"] = target_field()
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return dump_without_default_target(handler(self))  # the pinned dump of configs without a target
 
     @model_validator(mode="after")
     def _dims(self) -> "MAEConfig":
@@ -266,11 +271,14 @@ class MAE(MaskedModel):
     """``forward(x (B, C, H, W), keep bool (B, 1, h, w), n_visible=None) → {"loss", "pred" (B, C, H, W)}``;
     ``pred`` in target space (per-patch normalized when ``norm_pix``); :meth:`reconstruct` maps it back."""
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor, n_visible: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, n_visible: int | None = None,
+                target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``target``: the map (B, 1, H, W) a map-target model reconstructs (``model.target``); default ``x``."""
         tokens, ids_restore = self.encoder(x, keep, n_visible)
         patches = self.decoder(tokens, ids_restore)
-        pred = unpatchify(patches, self.encoder.stride, keep.shape[-2:], x.shape[1])
-        return {"loss": masked_mse(x, pred, keep, self.norm_pix, self.eps), "pred": pred}
+        chans = patches.shape[-1] // self.encoder.stride ** 2
+        pred = unpatchify(patches, self.encoder.stride, keep.shape[-2:], chans)
+        return {"loss": masked_mse(target_for(x, pred, target), pred, keep, self.norm_pix, self.eps), "pred": pred}
 
     def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return reconstruct(x, pred, keep, self.norm_pix, self.eps)
@@ -289,6 +297,7 @@ def create_mae(cfg: MAEConfig) -> MAE:
     if cfg.mask_stride is not None and cfg.mask_stride != enc.stride:
         raise ValueError(_mask_stride_hint(cfg.mask_stride, enc.stride, cfg.arch))
     enc.grid(cfg.size)
-    dec = MAEDecoder(enc.embed_dim, enc.grid_size, enc.stride, cfg.in_chans, enc.num_prefix_tokens,
+    dec = MAEDecoder(enc.embed_dim, enc.grid_size, enc.stride, target_channels(cfg.target, cfg.in_chans),
+                     enc.num_prefix_tokens,
                      dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.heads)
     return MAE(enc, dec, norm_pix=cfg.norm_pix, eps=cfg.eps)

@@ -15,12 +15,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 from torch import nn
 
 from .decoder import LightDecoder
 from .encoder import MaskedModel, SparseEncoder, check_mask_stride, encoder_state_dict_for_timm
-from .loss import masked_mse, reconstruct
+from .loss import dump_without_default_target, target_field, masked_mse, reconstruct, target_channels, target_for
 
 __all__ = ["SparK", "SparKConfig", "create_spark", "SPARK_DROP_PATH", "spark_drop_path"]
 
@@ -68,6 +68,11 @@ class SparKConfig(BaseModel):
     coarse_active: Literal["any", "all"] = Field(default="any", description="with a finer mask_stride: a cell of "
                                                  "a coarser level is active when any (default) or all of its "
                                                  "mask cells are visible ('all' keeps the deep levels sparse)")
+    target: Literal["pixels", "meijering"] = target_field()
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return dump_without_default_target(handler(self))  # the pinned dump of configs without a target
 
     @model_validator(mode="after")
     def _size(self) -> "SparKConfig":
@@ -84,10 +89,12 @@ class SparK(MaskedModel):
     ``stride`` and :meth:`grid` tell a masker the keep-mask grid.
     """
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, target: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """``target``: the map (B, 1, H, W) a map-target model reconstructs (``model.target``); default ``x``."""
         feats = self.encoder(x, keep)
         pred = self.decoder(feats, keep, self.encoder.coarse_active)
-        return {"loss": masked_mse(x, pred, keep, self.norm_pix, self.eps), "pred": pred}
+        return {"loss": masked_mse(target_for(x, pred, target), pred, keep, self.norm_pix, self.eps), "pred": pred}
 
     def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return reconstruct(x, pred, keep, self.norm_pix, self.eps)
@@ -124,7 +131,8 @@ def create_spark(cfg: SparKConfig) -> SparK:
     enc.grid(cfg.size)  # validates the size against the real stride
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
     norm = cfg.densify_norm or ("bn" if has_bn else "ln")
-    dec = LightDecoder(enc.channels, enc.reductions, width=cfg.decoder_width, out_chans=cfg.in_chans, densify_norm=norm,
+    dec = LightDecoder(enc.channels, enc.reductions, width=cfg.decoder_width,
+                       out_chans=target_channels(cfg.target, cfg.in_chans), densify_norm=norm,
                        block=cfg.decoder_block, densify_kernel=cfg.densify_kernel,
                        channels_last=cfg.decoder_channels_last)
     return SparK(enc, dec, norm_pix=cfg.norm_pix, eps=cfg.eps)

@@ -110,7 +110,8 @@ def load_pretrain_data(cfg: PretrainConfig, progress=None) -> PretrainData:
     if cfg.rois is not None:
         boxes, stats = join_rois(ds.ids, ds.orig_sizes, cfg.rois, cfg.size, cfg.resize, cfg.allow_missing_rois,
                                  data=cfg.data)
-        if cfg.masking.strategy in NEEDS_SALIENCY:
+        # the maps also serve as the reconstruction target (model.target meijering, M&M reading (b))
+        if cfg.masking.strategy in NEEDS_SALIENCY or getattr(cfg.model, "target", "pixels") != "pixels":
             saliency, sal_stats = join_saliency(ds.ids, ds.orig_sizes, cfg.rois, cfg.size, cfg.resize,
                                                 strategy=cfg.masking.strategy)
         notes += roi_share_check(stats, cfg, sal_stats or None)
@@ -132,7 +133,7 @@ def roi_share_check(stats: dict, cfg: PretrainConfig, saliency_stats: dict | Non
 
     out = []
     strategy = cfg.masking.strategy
-    if strategy not in NEEDS_ROI:
+    if strategy not in NEEDS_ROI and getattr(cfg.model, "target", "pixels") == "pixels":  # a map target reads them
         out.append(f"--masking {strategy} does not use ROIs: the boxes of {cfg.rois} only feed the in/out mask-ratio "
                    "statistics; pass --masking roi (or roi_overall, soft, topk) for ROI-guided masking")
         return out

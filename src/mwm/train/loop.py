@@ -309,6 +309,7 @@ class Trainer:
         cfg = self.cfg
         t = time.perf_counter()
         self.sampler.use_epoch(epoch)
+        self.method.on_epoch_start(epoch)
         self.wrapped.train()
         self.epoch_loss.zero_()
         for i, batch in enumerate(self.loader):

@@ -10,7 +10,11 @@ from .base import MethodContext, PretrainMethod, input_stats
 from .registry import (METHODS, AnyMethodConfig, MethodConfig, MethodSpec, create_method, method_config, method_names,
                        method_spec, register_method)
 from .mim import MAEMethod, MaskedImageModeling, MaskedViews, SparKMethod  # registers spark and mae
+from .hpm import HPMMethod  # registers hpm (loss-guided, :mod:`.guided`)
+from .anatomask import AnatoMaskMethod  # registers anatomask
+from .contrastive import BYOLMethod, MoCoV2Method, SimCLRMethod  # registers simclr, mocov2, byol (lightly)
 
 __all__ = ["PretrainMethod", "MethodContext", "input_stats", "METHODS", "MethodSpec", "MethodConfig",
            "AnyMethodConfig", "register_method", "create_method", "method_config", "method_names", "method_spec",
-           "MaskedImageModeling", "MaskedViews", "SparKMethod", "MAEMethod"]
+           "MaskedImageModeling", "MaskedViews", "SparKMethod", "MAEMethod", "HPMMethod", "AnatoMaskMethod", "SimCLRMethod",
+           "MoCoV2Method", "BYOLMethod"]

@@ -135,6 +135,10 @@ class PretrainMethod:
         ``.item()``: the trainer reads them back once per interval). ``loss`` itself is logged as ``loss``."""
         raise NotImplementedError
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before epoch ``epoch`` (0-based, of ``cfg.epochs``; also the first epoch of a resume): per-epoch schedules
+        of the method (HPM / AnatoMask: the hard-patch share and the teacher's EMA decay). Default: nothing."""
+
     def on_after_optimizer_step(self, step: int) -> None:
         """After each optimizer step (``step`` = optimizer steps done): the EMA of the weights."""
         if self.ema is not None:

@@ -6,6 +6,10 @@ this rank's generator, seeing the augmented images in [0, 1], the ROI boxes, sal
 micro-step's outputs as it requires; the images are normalized; ``model(x, keep)["loss"]`` is the loss. The logs
 are the realised mask ratio and the masked / total ROI and background cells as fractions of the batch's cells, so
 in/out ratios pool over micro-steps and ranks (a batch without any ROI cell adds nothing instead of a ratio of 0).
+
+``model.target: meijering`` (M&M reading (b), :mod:`mwm.mim.loss`): the loader carries each image's Meijering map
+(the ``rois`` manifest of ``mwm importance meijering``, cropped and flipped with the image) and the model
+reconstructs the map instead of the pixels; there are no reconstruction pictures then.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class MaskedViews:
     x: torch.Tensor
     keep: torch.Tensor
     stats: dict[str, torch.Tensor]
+    target: torch.Tensor | None = None  # (B, 1, H, W) map the model reconstructs (model.target meijering)
 
 
 def mean_ratios(rows: list[dict], cfg: "PretrainConfig") -> dict:
@@ -83,10 +88,17 @@ class MaskedImageModeling(PretrainMethod):
             batch_size=x.shape[0], grid=self.grid, generator=self.ctx.generator, device=self.ctx.device, images=x,
             boxes=boxes if rois else None, valid=valid if rois else None, importance=smap[0] if smap else None,
             outputs=self._prev_outputs))
-        return MaskedViews(self.normalize(x), keep, stats)
+        target = smap[0][:, None] if smap and self.map_target else None  # the map in [0, 1], not normalized
+        return MaskedViews(self.normalize(x), keep, stats, target)
+
+    @property
+    def map_target(self) -> bool:
+        """The model reconstructs a map (``model.target`` meijering), not the pixels."""
+        return getattr(self.cfg.model, "target", "pixels") != "pixels"
 
     def training_step(self, views: MaskedViews) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        outputs = self.net(views.x, views.keep, **self.forward_kwargs())
+        extra = {} if views.target is None else {"target": views.target}
+        outputs = self.net(views.x, views.keep, **self.forward_kwargs(), **extra)
         loss = outputs["loss"]
         if self.wants_outputs:
             self._prev_outputs = {k: v.detach() for k, v in outputs.items() if isinstance(v, torch.Tensor)}
@@ -125,8 +137,17 @@ class MaskedImageModeling(PretrainMethod):
         return {"masking": self.cfg.masking.strategy, "mask_grid": list(self.grid),  # (h, w) cells the masker drew on
                 "mask_ratios": mean_ratios(rows, self.cfg)}
 
+    @classmethod
+    def check_config(cls, cfg: "PretrainConfig") -> None:
+        if getattr(cfg.model, "target", "pixels") == "meijering" and cfg.rois is None:
+            raise ValueError("model.target meijering reconstructs each image's Meijering map: give rois = the "
+                             "rois.jsonl of `mwm importance meijering DATA --out MAPS` (--rois MAPS/rois.jsonl)")
+
     def preview_set(self, data: "PretrainData", k: int):
         from ..recon import ReconSet
+
+        if self.map_target:
+            return None  # the pictures show pixels; a map target has none to paste in
 
         return ReconSet(data.images, data.boxes, k, self.masker, self.grid, self.cfg.seed, data.has_rois,
                         saliency=data.saliency)
@@ -151,6 +172,7 @@ class MAEMethod(MaskedImageModeling):
 
     @classmethod
     def check_config(cls, cfg: "PretrainConfig") -> None:
+        super().check_config(cfg)
         from ...masking import visible_count
 
         if visible_count(cfg.masking, 16) is None:
