@@ -96,3 +96,21 @@ def test_the_last_shard_tabulates_parts_other_shards_finished_while_it_ran(phant
     assert other_done and sorted((r["arm"], r["seed"]) for r in rows) == [
         ("mwm", 1), ("random", 0), ("random", 1), ("scratch", 0), ("scratch", 1)]
     assert len(_csv(tmp_path / "b")) == 5
+
+
+def test_a_shard_started_by_an_older_mwm_is_not_another_config(phantoms_npz, tmp_path):
+    """A shard started before mwm gained an option wrote a config.yaml without it; a shard started now, with the
+    option at its default, runs beside it (the parts' identities agree, bench_part.json); a changed setting does not."""
+    raw = _seeded(phantoms_npz, tmp_path / "b")
+    cfg = BenchConfig.model_validate(raw)
+    out = tmp_path / "b"
+    run_bench(cfg, log=lambda s: None, only_tables=True, shard=(0, 2))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["rois"]["quantile"]  # an option the older shard's mwm did not have
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    with lock_folder(out, name=".mwm.lock-shard-0-of-2", what="bench run"):
+        run_bench(cfg, log=lambda s: None, only_tables=True, shard=(1, 2))
+        saved["rois"]["expand"] = 0.3  # a setting both know, with another value
+        (out / "config.yaml").write_text(yaml.safe_dump(saved))
+        with pytest.raises(MWMError, match="another config"):
+            run_bench(cfg, log=lambda s: None, only_tables=True, shard=(1, 2))

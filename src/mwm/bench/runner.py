@@ -40,7 +40,8 @@ from ..config import ConfigError, save_config
 from ..errors import MWMError
 from ..io import file_sha256
 from .config import ArmConfig, BenchConfig, RoiSourceConfig, TaskConfig, run_dir
-from .parts import Part, PartStore, identity_hash, pretrain_identity, rois_identity, saliency_identity, task_identity
+from .parts import (Part, PartStore, identity_hash, pretrain_identity, rois_identity, saliency_identity, same_settings,
+                    task_identity)
 
 __all__ = ["run_bench", "check_bench", "pretrain_config", "task_config", "TASKS", "run_dir"]
 
@@ -396,7 +397,9 @@ def _check_shards(cfg: BenchConfig, shard: tuple[int, int]) -> None:
                            f"{describe_holder(info)}; run every part of one bench the same way (all with --shard "
                            f"i/n, or one run without), or wait for it. If that process is gone, delete {p}")
         saved = out / "config.yaml"
-        if saved.is_file() and yaml.safe_load(saved.read_text()) != yaml.safe_load(dump_config(cfg)):
+        # options added to mwm since that shard started count as equal while they are at their default
+        if saved.is_file() and not same_settings(yaml.safe_load(saved.read_text()), yaml.safe_load(dump_config(cfg)),
+                                                 cfg):
             raise MWMError(f"{out}: another shard ({describe_holder(info)}) runs this bench with another config "
                            f"({saved}); start every shard from the same bench file and options")
 
