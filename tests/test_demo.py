@@ -26,3 +26,18 @@ def test_demo_end_to_end_writes_report(tmp_path):
     assert all(0 <= v["accuracy"] <= 1 for v in s["probe"].values())
     saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert saved["localize_eval"]["n"] > 0 and saved["pretrain"]["mwm"]["roi_stats"]["with_roi"] > 0
+
+
+def test_demo_runs_the_evidence_grid_and_refuses_grids_the_encoder_cannot_mask():
+    """The demo masks on the evidence protocol's 8 × 8 grid (16-px cells at 128 px) with MWM at 0.4 overall; a
+    grid whose cells do not divide the encoder's stride 32 is refused before any stage runs."""
+    import pytest
+    from pydantic import ValidationError
+
+    cfg = DemoConfig()
+    assert (cfg.mask_grid, cfg.mask_stride, cfg.ratio) == (8, 16, 0.4)
+    assert DemoConfig(size=64).mask_stride == 8
+    with pytest.raises(ValidationError, match="mask stride 12"):
+        DemoConfig(size=96, mask_grid=8)
+    with pytest.raises(ValidationError, match="not a multiple"):
+        DemoConfig(size=128, mask_grid=6)
