@@ -24,6 +24,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = ["crop_flip_theta", "warp", "warp_boxes", "paired_crop_flip", "hflip_instances"]
 
 
+def check_range(v: tuple[float, float]) -> tuple[float, float]:
+    """A (low, high) option such as a crop scale or aspect ratio: 0 < low <= high."""
+    if not 0 < v[0] <= v[1]:
+        raise ValueError(f"need 0 < low <= high, got {v}")
+    return v
+
+
+def check_area_fraction(v: tuple[float, float]) -> tuple[float, float]:
+    """A crop scale: a fraction of the image area, at most 1."""
+    if v[1] > 1:
+        raise ValueError(f"crop_scale is a fraction of the image area, at most 1; got {v}")
+    return v
+
+
 class AugmentConfig(BaseModel):
     """Paired geometric augmentation (image and ROI boxes in the same call, pretraining: :mod:`mwm.train.augment`; transfer: this module).
 
@@ -41,17 +55,12 @@ class AugmentConfig(BaseModel):
     @field_validator("crop_scale", "crop_ratio")
     @classmethod
     def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (0 < v[0] <= v[1]):
-            raise ValueError(f"need 0 < low <= high, got {v}")
-        return v
+        return check_range(v)
 
     @field_validator("crop_scale")
     @classmethod
     def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[1] > 1:
-            raise ValueError(f"crop_scale is a fraction of the image area, at most 1; got {v}")
-        return v
-
+        return check_area_fraction(v)
 
 
 def crop_flip_theta(n: int, scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),

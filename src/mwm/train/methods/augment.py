@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ...data.paired import crop_flip_theta
+from ...data.paired import check_area_fraction, check_range, crop_flip_theta
 
 __all__ = ["ViewAugmentConfig", "augment_views", "draw_view"]
 
@@ -56,16 +56,12 @@ class ViewAugmentConfig(BaseModel):
     @field_validator("crop_scale", "crop_ratio", "blur_sigma")
     @classmethod
     def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1]:
-            raise ValueError(f"need 0 < low <= high, got {v}")
-        return v
+        return check_range(v)
 
     @field_validator("crop_scale")
     @classmethod
     def _area(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[1] > 1:
-            raise ValueError(f"crop_scale is a fraction of the image area, at most 1; got {v}")
-        return v
+        return check_area_fraction(v)
 
     @field_validator("blur_prob")
     @classmethod
