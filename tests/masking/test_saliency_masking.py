@@ -135,3 +135,18 @@ def test_missing_importance_is_an_error_and_other_strategies_ignore_it():
 def test_yaml_config_round_trip():
     cfg = MaskingConfig.model_validate({"strategy": "saliency_soft", "ratio": 0.6, "temperature": 0.1})
     assert cfg.strategy == "saliency_soft" and cfg.temperature == 0.1
+
+
+def test_pretrain_help_names_every_registered_strategy():
+    """The CLI's --masking help is static text (importing the registry would load torch on every command); it must
+    name every strategy the registry has, so a new one cannot be left out of it."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from mwm.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["pretrain", "--help"], env={"COLUMNS": "200"}).output.split())
+    text = re.sub(r"[│╭╮╰╯─]", " ", text)
+    missing = [s for s in STRATEGIES if s not in text]
+    assert not missing, f"mwm pretrain --help does not name {missing}"

@@ -77,8 +77,9 @@ def pretrain(
     allow_missing_rois: Annotated[Optional[bool], typer.Option("--allow-missing-rois", help="Images missing from "
                                                                "the manifest get no ROI instead of an error.")] = None,
     masking: Annotated[Optional[str], typer.Option(help="random, roi (MWM two-level), roi_overall, soft or topk (by "
-                                                        "ROI box), saliency_soft or saliency_topk (by the saliency "
-                                                        "maps of `mwm localize --save-saliency`, no boxes). "
+                                                        "ROI box), saliency_soft, saliency_topk or "
+                                                        "saliency_topk_diverse (MedIM) (by the maps of `mwm localize "
+                                                        "--save-saliency` or `mwm importance`, no boxes). "
                                                         "[default: random]")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="Overall mask ratio (random/roi_overall/soft/topk/saliency_*; "
                                                         "images without ROI under roi). [default: 0.6]")] = None,
