@@ -280,6 +280,11 @@ CSV_COLUMNS = ["family", "kind", "variant", "n", "precision", "recall", "dice", 
                "mean_iou_to_reference", "n_failed", "false_positive_rate"]
 
 
+def _spread(d: dict) -> str:
+    """``mean ± std [min, max]`` of one metric's spread over a family's prompts."""
+    return f"{_fmt(d['mean'])} ± {_fmt(d['std'])} [{_fmt(d['min'])}, {_fmt(d['max'])}]"
+
+
 def _fmt(v, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return ""
@@ -312,9 +317,7 @@ def table_md(rows: list[dict], summary: dict) -> str:
               "| family | prompts | Dice mean ± std [min, max] | recall mean ± std [min, max] | changed share mean |",
               "|---|---|---|---|---|"]
     for f, s in summary["spread"].items():
-        d, rc = s["dice"], s["recall"]
-        lines.append(f"| {f} | {d['n']} | {_fmt(d['mean'])} ± {_fmt(d['std'])} [{_fmt(d['min'])}, {_fmt(d['max'])}] | "
-                     f"{_fmt(rc['mean'])} ± {_fmt(rc['std'])} [{_fmt(rc['min'])}, {_fmt(rc['max'])}] | "
+        lines.append(f"| {f} | {s['dice']['n']} | {_spread(s['dice'])} | {_spread(s['recall'])} | "
                      f"{_fmt(s['changed_share']['mean'])} |")
     if summary["ensemble_effect"]:
         lines += ["", "## Ensemble vs single prompts", "",
