@@ -70,14 +70,14 @@ class DenoiseMethod(PretrainMethod):
 register_method("denoise", DenoiseConfig, DenoiseMethod, help="toy denoising autoencoder (tests)")
 
 # -- the contract, for every registered method ----------------------------------------------------------------------
-# a tiny model per method; a method not listed runs a resnet18 at 64 px
-TINY = {"spark": {"arch": "resnet18", "size": 64}, "mae": {"arch": "vit_tiny_patch16_224", "size": 32}}
+# a tiny model per method; a method not listed runs timm's test_resnet (0.4 M parameters: small checkpoints) at 64 px
+TINY = {"spark": {"arch": "test_resnet", "size": 64}, "mae": {"arch": "vit_tiny_patch16_224", "size": 32}}
 NAMES = method_names()
 _RUNS: dict[str, tuple] = {}
 
 
 def _config(npz, out, name: str, **kw) -> PretrainConfig:
-    base = dict(data=npz, out=out, model={"method": name, **TINY.get(name, {"arch": "resnet18", "size": 64})},
+    base = dict(data=npz, out=out, model={"method": name, **TINY.get(name, {"arch": "test_resnet", "size": 64})},
                 accelerator="cpu", workers=0, batch_size=2, limit=2, epochs=2, warmup_epochs=1, ema=0.5, lr=1e-3,
                 optimizer="adamw", log_every=1, recon_images=1, recon_every=1,
                 masking={"strategy": "random", "ratio": 0.75})

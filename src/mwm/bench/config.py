@@ -239,6 +239,9 @@ class BenchConfig(BaseModel):
     name: str = "bench"
     data: Path
     out: Path | None = Field(default=None, description="default: runs/bench/<name>")
+    archive: Path | None = Field(default=None, description="a folder (e.g. under version control) that keeps "
+                                 "every finished part's identity and numbers; an arm x seed archived whole is "
+                                 "tabulated from it and not run again, even in an empty OUT")
     arch: str = "resnet18"
     size: int = Field(default=64, ge=16)
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 2], min_length=1)

@@ -4,8 +4,8 @@ A *part* is one unit of bench work with its own output: a gt-boxes ROI manifest,
 transfer-task run folder. Its *identity* is the resolved config that made it — the command's full validated
 config (defaults filled in) minus the settings that cannot change its results (:data:`PRETRAIN_IGNORED`,
 :data:`TASK_IGNORED`), with the inputs it depends on replaced by their content hashes (a pretraining run's ROI
-manifest, a task's ``encoder.pth``), so a changed ROI manifest reruns the guided pretraining and a changed
-encoder reruns its tasks. The identity and its SHA-256 are written to ``bench_part.json`` inside a run folder
+manifest, a task's ``encoder.pth`` by its tensors), so a changed ROI manifest reruns the guided pretraining and a
+changed encoder reruns its tasks. The identity and its SHA-256 are written to ``bench_part.json`` inside a run folder
 (``<stem>.bench_part.json`` beside a manifest) when the part starts, before any of its output.
 
 A part is *done* when its record's identity equals the requested one and its finished-marker file
@@ -86,8 +86,9 @@ def saliency_identity(manifest: Path) -> str:
 
 
 def task_identity(kind: str, tc: Any, encoder_sha: str | None) -> dict:
-    """A transfer task config's identity: resolved fields minus :data:`TASK_IGNORED`; the weights by the
-    SHA-256 of the encoder file (None: ``weights: none``, random init)."""
+    """A transfer task config's identity: resolved fields minus :data:`TASK_IGNORED`; the weights by
+    ``encoder_sha``, the SHA-256 of the encoder's tensors (:func:`mwm.weights.tensors_sha256`; None: ``weights:
+    none``, random init)."""
     d = tc.model_dump(mode="json", exclude=set(TASK_IGNORED))
     d["weights"] = "none" if encoder_sha is None else {"sha256": encoder_sha}
     return _revised({"part": f"task:{kind}", **d}, "task")

@@ -10,6 +10,8 @@ Layout under ``OUT``::
     runs/<arm>/seed<k>/pretrain/  a `mwm pretrain` run folder (summary.json once finished)
     runs/<arm>/seed<k>/<task>/    a transfer run folder (metrics.json once finished)
     stale/<part>-<hash8>/         parts made with another config, moved aside (never deleted)
+    ARCHIVE/<arm>/seed<k>/*.json  with ``archive:``, each finished part's identity and numbers (committable;
+                                  an arm x seed archived whole is not run again, see :mod:`mwm.bench.archive`)
     results.csv, results.md, plots/*.png
 
 Every part stores the identity it was made with (``bench_part.json``, see :mod:`mwm.bench.parts`): the
@@ -39,6 +41,7 @@ from pydantic import BaseModel, ValidationError
 from ..config import ConfigError, save_config
 from ..errors import MWMError
 from ..io import file_sha256
+from .archive import Archive
 from .config import ArmConfig, BenchConfig, RoiSourceConfig, TaskConfig, run_dir
 from .parts import (Part, PartStore, identity_hash, pretrain_identity, rois_identity, saliency_identity, same_settings,
                     task_identity)
@@ -271,12 +274,38 @@ class _Hashes:
     """Content hashes of inputs, once per path and run (a manifest or an encoder read by many parts)."""
 
     def __init__(self):
-        self._cache: dict[Path, str] = {}
+        self._cache: dict[Any, str] = {}
 
     def __call__(self, path: Path) -> str:
         if path not in self._cache:
             self._cache[path] = file_sha256(path)
         return self._cache[path]
+
+    def tensors(self, path: Path) -> str:
+        """An encoder by its tensors (names, dtypes, shapes, values), not its file: ``torch.save`` writes a fresh
+        serialization id into every file, so a fixed-seed rerun's identical encoder has other file bytes."""
+        key = ("tensors", path)
+        if key not in self._cache:
+            import torch
+
+            from ..weights import tensors_sha256
+
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            ok = isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())
+            self._cache[key] = tensors_sha256(sd) if ok else file_sha256(path)
+        return self._cache[key]
+
+
+def _pretrain_part(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path, sha: _Hashes) -> Part:
+    """The pretraining part of ``arm`` × ``seed`` (its run folder, marker and identity)."""
+    from ..masking import NEEDS_SALIENCY
+
+    pc = pretrain_config(cfg, arm, seed, rois)
+    out = Path(pc.out)
+    reads_maps = arm.strategy in NEEDS_SALIENCY or cfg.map_target(arm)
+    maps = saliency_identity(Path(pc.rois)) if pc.rois is not None and reads_maps else None
+    return Part(f"pretrain {arm.name} seed {seed}", out, out / "summary.json",
+                pretrain_identity(pc, None if pc.rois is None else sha(Path(pc.rois)), maps), config=pc)
 
 
 def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
@@ -286,14 +315,8 @@ def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
 
     if _guided(arm, cfg) and rois is None:
         return None  # tables only, and the ROI manifest is missing or not current
-    pc = pretrain_config(cfg, arm, seed, rois)
-    out = Path(pc.out)
-    from ..masking import NEEDS_SALIENCY
-
-    reads_maps = arm.strategy in NEEDS_SALIENCY or cfg.map_target(arm)
-    maps = saliency_identity(Path(pc.rois)) if pc.rois is not None and reads_maps else None
-    part = Part(f"pretrain {arm.name} seed {seed}", out, out / "summary.json",
-                pretrain_identity(pc, None if pc.rois is None else sha(Path(pc.rois)), maps), config=pc)
+    part = _pretrain_part(cfg, arm, seed, rois, sha)
+    pc, out = part.config, part.path
     state = store.check(part, retire=build, quiet=quiet)
     if state == "done":
         return json.loads(part.marker.read_text())
@@ -306,21 +329,25 @@ def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
     return train.pretrain(pc.model_copy(update={"resume": resume}))
 
 
-def _task(cfg: BenchConfig, task: TaskConfig, arm: str, weights: str, encoder_sha: str | None, seed: int, out: Path,
-          store: PartStore, log: Callable, build: bool, quiet: bool = False, arch: str | None = None) -> dict | None:
-    """The task's finished metrics (running it when ``build``), else None."""
+def _task_part(cfg: BenchConfig, task: TaskConfig, arm: str, weights: str, encoder_sha: str | None, seed: int,
+               out: Path, arch: str | None = None) -> Part:
+    """The part of ``task`` on one arm × seed's encoder (``encoder_sha``; None: random init)."""
     tc = task_config(cfg, task, seed, weights, out, arch)
-    part = Part(f"{task.label} on {arm} seed {seed}", out, out / "metrics.json",
+    return Part(f"{task.label} on {arm} seed {seed}", out, out / "metrics.json",
                 task_identity(task.kind, tc, encoder_sha), config=tc)
+
+
+def _task(part: Part, kind: str, store: PartStore, log: Callable, build: bool, quiet: bool = False) -> dict | None:
+    """The task's finished metrics (running it when ``build``), else None."""
     state = store.check(part, retire=build, quiet=quiet)
     if state == "done":
         return json.loads(part.marker.read_text())
     if not build:
         return None
     store.write_record(part)
-    module, _, fn_name, _ = TASKS[task.kind]
-    log(f"{task.label} on {arm} seed {seed}")
-    return getattr(importlib.import_module(module), fn_name)(tc)
+    module, _, fn_name, _ = TASKS[kind]
+    log(part.label)
+    return getattr(importlib.import_module(module), fn_name)(part.config)
 
 
 def _mask_ratios(pretrain_dir: Path) -> dict:
@@ -342,11 +369,47 @@ def _mask_ratios(pretrain_dir: Path) -> dict:
     return out
 
 
-def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
-              log: Callable, build: bool, quiet: bool = False, quality: dict | None = None) -> list[dict]:
-    """Pretrain one arm × seed (if it pretrains), run its tasks; one result row per finished task."""
+def _archived_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, sha: _Hashes, archive: Archive,
+                   quality: dict | None) -> list[dict] | None:
+    """Every row of one arm × seed from the archive, or None when any of its parts is not archived under the
+    identity asked for now (then it runs, or is read from OUT, as usual)."""
     from .tables import result_row
 
+    summary: dict[str, Any] = {}
+    ratios: dict = {}
+    encoder_sha = None
+    if arm.pretrain:
+        if _guided(arm, cfg) and rois is None:
+            return None
+        rec = archive.get(_pretrain_part(cfg, arm, seed, rois, sha), arm.name, seed, "pretrain")
+        if rec is None:
+            return None
+        summary, ratios, encoder_sha = rec["summary"], rec["mask_ratios"], rec["encoder_sha256"]
+    rows = []
+    for task in cfg.tasks:
+        if not task.runs_on(arm.name):
+            continue
+        part = _task_part(cfg, task, arm.name, _weights(cfg, arm, seed), encoder_sha, seed,
+                          run_dir(cfg, arm.name, seed) / task.label, cfg.arch_of(arm))
+        rec = archive.get(part, arm.name, seed, task.label)
+        if rec is None:
+            return None
+        rows.append(result_row(arm, seed, task, rec["metrics"], summary, ratios, rec["metrics"].get("seconds", 0.0),
+                               quality or {}, method=cfg.method_of(arm), strategy=cfg.strategy_of(arm)))
+    return rows
+
+
+def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
+              log: Callable, build: bool, quiet: bool = False, quality: dict | None = None,
+              archive: Archive | None = None) -> list[dict]:
+    """Pretrain one arm × seed (if it pretrains), run its tasks; one result row per finished task. With an
+    ``archive``: an arm × seed archived whole is read from it; finished parts are archived."""
+    from .tables import result_row
+
+    if archive is not None:
+        rows = _archived_rows(cfg, arm, seed, rois, sha, archive, quality)
+        if rows is not None:
+            return rows
     base = run_dir(cfg, arm.name, seed)
     summary: dict[str, Any] = {}
     ratios: dict = {}
@@ -359,15 +422,22 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
         if not Path(weights).is_file():
             raise MWMError(f"{weights} is missing although {base / 'pretrain' / 'summary.json'} says the run "
                            f"finished; delete {base / 'pretrain'} to pretrain this arm again")
-        encoder_sha = sha(Path(weights))
+        encoder_sha = sha.tensors(Path(weights))
         ratios = _mask_ratios(base / "pretrain")
+        if archive is not None:
+            archive.put(_pretrain_part(cfg, arm, seed, rois, sha), arm.name, seed, "pretrain",
+                        {"summary": summary, "mask_ratios": ratios, "encoder_sha256": encoder_sha})
     rows = []
     for task in cfg.tasks:
         if not task.runs_on(arm.name):
             continue
         t0 = time.perf_counter()
-        metrics = _task(cfg, task, arm.name, weights, encoder_sha, seed, base / task.label, store, log, build,
-                        quiet, cfg.arch_of(arm))
+        part = _task_part(cfg, task, arm.name, weights, encoder_sha, seed, base / task.label, cfg.arch_of(arm))
+        metrics = None if archive is None else (archive.get(part, arm.name, seed, task.label) or {}).get("metrics")
+        if metrics is None:
+            metrics = _task(part, task.kind, store, log, build, quiet)
+            if metrics is not None and archive is not None:
+                archive.put(part, arm.name, seed, task.label, {"metrics": metrics})
         if metrics is not None:
             rows.append(result_row(arm, seed, task, metrics, summary, ratios, time.perf_counter() - t0,
                                    quality or {}, method=cfg.method_of(arm), strategy=cfg.strategy_of(arm)))
@@ -425,6 +495,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
         _check_shards(cfg, shard)
         save_config(cfg, out / "config.yaml")
         store, sha = PartStore(out, log), _Hashes()
+        archive = Archive(cfg.archive) if cfg.archive is not None else None
         # shards build the shared ROI manifests one at a time (the second finds them done)
         with lock_folder(out, name=".mwm.lock-rois", what="bench ROI preparation", wait_s=6 * 3600):
             rois = _arm_rois(cfg, store, build=not only_tables)
@@ -433,12 +504,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
         if not only_tables:
             for k, (seed, arm) in enumerate(order):
                 if k % n == i:
-                    _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=True)
+                    _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=True, archive=archive)
         # tabulate after building: other shards finish parts while this one runs, and the last shard to finish
         # must see them all (another shard's part is only read, and not reported on)
         rows = [r for k, (seed, arm) in enumerate(order)
                 for r in _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=False, quiet=k % n != i,
-                                   quality=quality.get(rois[arm.name]))]
+                                   quality=quality.get(rois[arm.name]), archive=archive)]
         write_tables(cfg, rows)
+        if archive is not None:
+            archive.copy_tables(out)
         bench_plots(cfg, rows, out / "plots")
     return rows
