@@ -71,7 +71,10 @@ register_method("denoise", DenoiseConfig, DenoiseMethod, help="toy denoising aut
 
 # -- the contract, for every registered method ----------------------------------------------------------------------
 # a tiny model per method; a method not listed runs timm's test_resnet (0.4 M parameters: small checkpoints) at 64 px
-TINY = {"spark": {"arch": "test_resnet", "size": 64}, "mae": {"arch": "vit_tiny_patch16_224", "size": 32}}
+TINY = {"spark": {"arch": "test_resnet", "size": 64}, "mae": {"arch": "vit_tiny_patch16_224", "size": 32},
+        # the guided MAE methods on 4 × 4 tokens (8-px patches): a ranking / attention map worth the name
+        "hpm_mae": {"arch": "vit_tiny_patch16_224", "size": 32, "patch_size": 8, "decoder_dim": 64},
+        "attmask": {"arch": "vit_tiny_patch16_224", "size": 32, "patch_size": 8, "decoder_dim": 64, "mode": "hint"}}
 NAMES = method_names()
 _RUNS: dict[str, tuple] = {}
 

@@ -87,7 +87,8 @@ def pretrain(
     ratio_out: Annotated[Optional[float], typer.Option(help="roi: mask ratio outside the ROI. [default: 0.2]")] = None,
     method: Annotated[Optional[str], typer.Option(help="Pretraining method, by name in the method registry "
                                                        "(mwm.train.methods): spark (timm CNNs) or mae (timm ViTs), "
-                                                       "hpm, anatomask (loss-guided SparK), "
+                                                       "hpm, anatomask (loss-guided SparK), hpm_mae "
+                                                       "(HPM on MAE), attmask (attention-guided MAE), "
                                                        "simclr, mocov2, byol (contrastive baselines, timm CNNs), "
                                                        "or any registered one. [default: from --arch]")] = None,
     arch: Annotated[Optional[str], typer.Option(help="timm encoder: resnet18/50, convnext_*, vit_*. "

@@ -255,16 +255,24 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         _init_linears_and_norms(self)
 
-    def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def inputs(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The blocks' input (B, P + N, dim): embedded tokens, mask tokens in the masked slots, patch order, position
+        embeddings (HPM's loss predictor reads the same tensor, :mod:`mwm.train.methods.hpm_mae`)."""
         x = self.embed(tokens)
         P = self.num_prefix_tokens
         B, N = ids_restore.shape
         vis = x[:, P:]
         filled = torch.cat([vis, self.mask_token.to(x.dtype).expand(B, N - vis.shape[1], -1)], 1)
         filled = torch.gather(filled, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :P], filled + self.pos_embed.to(x.dtype)], 1)  # prefix tokens carry no position
+        return torch.cat([x[:, :P], filled + self.pos_embed.to(x.dtype)], 1)  # prefix tokens carry no position
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Blocks, norm and pixel head on :meth:`inputs`' tensor → (B, N, p²·C)."""
         x = self.norm(self.blocks(x))
-        return self.pred(x[:, P:])
+        return self.pred(x[:, self.num_prefix_tokens:])
+
+    def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inputs(tokens, ids_restore))
 
 
 class MAE(MaskedModel):

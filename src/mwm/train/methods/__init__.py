@@ -12,9 +12,11 @@ from .registry import (METHODS, AnyMethodConfig, MethodConfig, MethodSpec, creat
 from .mim import MAEMethod, MaskedImageModeling, MaskedViews, SparKMethod  # registers spark and mae
 from .hpm import HPMMethod  # registers hpm (loss-guided, :mod:`.guided`)
 from .anatomask import AnatoMaskMethod  # registers anatomask
+from .hpm_mae import HPMMAEMethod  # registers hpm_mae (HPM on MAE)
+from .attmask import AttMaskMethod  # registers attmask (MAE)
 from .contrastive import BYOLMethod, MoCoV2Method, SimCLRMethod  # registers simclr, mocov2, byol (lightly)
 
 __all__ = ["PretrainMethod", "MethodContext", "input_stats", "METHODS", "MethodSpec", "MethodConfig",
            "AnyMethodConfig", "register_method", "create_method", "method_config", "method_names", "method_spec",
-           "MaskedImageModeling", "MaskedViews", "SparKMethod", "MAEMethod", "HPMMethod", "AnatoMaskMethod", "SimCLRMethod",
-           "MoCoV2Method", "BYOLMethod"]
+           "MaskedImageModeling", "MaskedViews", "SparKMethod", "MAEMethod", "HPMMethod", "AnatoMaskMethod",
+           "HPMMAEMethod", "AttMaskMethod", "SimCLRMethod", "MoCoV2Method", "BYOLMethod"]

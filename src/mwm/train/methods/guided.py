@@ -16,6 +16,12 @@ Schedules, as in the official code:
   without warm-up) and runs in eval mode (BatchNorm on running statistics), as timm's EMA copies do.
 
 The teacher is separate from the run's optional ``--ema`` (the exported weights); both are checkpointed.
+
+The parts are mixins so SparK and MAE share them: :class:`EMATeacherMixin` (the teacher, its per-epoch decay, its
+checkpoint entry; AttMask, :mod:`.attmask`, uses only this) and :class:`LossGuidedMixin` (α_t and the
+hard-then-random keep-mask from :meth:`teacher_scores`), combined with :class:`~.mim.SparKMethod`
+(:class:`TeacherGuidedSparK`: HPM, AnatoMask) or :class:`~.mim.MAEMethod` (:class:`TeacherGuidedMAE`: HPM on MAE,
+:mod:`.hpm_mae`); the configs likewise (:class:`TeacherEMAFields`, :class:`HardShareFields`).
 """
 
 from __future__ import annotations
@@ -23,13 +29,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...errors import MWMError
-from ...mim import SparKConfig
+from ...mim import MAEConfig, SparKConfig
 from ...mim.loss import patchify
 from .base import PretrainMethod
-from .mim import MaskedViews, SparKMethod
+from .mim import MAEMethod, MaskedViews, SparKMethod
 
 if TYPE_CHECKING:
     from torch import nn
@@ -37,16 +43,25 @@ if TYPE_CHECKING:
     from ..config import PretrainConfig
     from .base import MethodContext
 
-__all__ = ["GuidedSparKConfig", "TeacherGuidedSparK", "hard_share", "hard_count", "ramp_decay", "patch_errors",
-           "spark_part"]
+__all__ = ["TeacherEMAFields", "HardShareFields", "GuidedSparKConfig", "GuidedMAEConfig", "EMATeacherMixin",
+           "LossGuidedMixin", "TeacherGuidedSparK", "TeacherGuidedMAE", "hard_share", "hard_count", "ramp_decay",
+           "patch_errors", "spark_part", "mae_part", "model_part"]
 
 
-class GuidedSparKConfig(SparKConfig):
-    """SparK's fields plus the loss-guided schedules (a base: :class:`~.hpm.HPMConfig`,
-    :class:`~.anatomask.AnatoMaskConfig` name the method)."""
+class HardShareFields(BaseModel):
+    """The hard-patch share's field (a config mixin, listed before :class:`TeacherEMAFields`)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     alpha_max: float = Field(default=0.5, ge=0, le=1, description="hard share of the masked cells at the last "
                              "epoch: α_t = alpha_max·(epoch+1)/epochs (HPM, AnatoMask: 0.5)")
+
+
+class TeacherEMAFields(BaseModel):
+    """The EMA teacher's decay schedule (a config mixin; the method's reference fills ``ema_ramp_epochs=None``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     ema: tuple[float, float] = Field(default=(0.999, 0.9999), description="the teacher's EMA decay at the first "
                                      "epoch and after the ramp (HPM, AnatoMask: 0.999 → 0.9999)")
     ema_ramp_epochs: int | None = Field(default=None, ge=0, description="epochs of the linear decay ramp; None: "
@@ -60,9 +75,31 @@ class GuidedSparKConfig(SparKConfig):
         return v
 
 
+# base order: the model's fields first, then alpha_max, ema, ema_ramp_epochs (pydantic lists bases' fields in
+# reversed MRO order)
+class GuidedSparKConfig(TeacherEMAFields, HardShareFields, SparKConfig):
+    """SparK's fields plus the loss-guided schedules (a base: :class:`~.hpm.HPMConfig`,
+    :class:`~.anatomask.AnatoMaskConfig` name the method)."""
+
+
+class GuidedMAEConfig(TeacherEMAFields, HardShareFields, MAEConfig):
+    """MAE's fields plus the loss-guided schedules (a base: :class:`~.hpm_mae.HPMMAEConfig` names the method)."""
+
+
+def model_part(cfg: BaseModel, base: type[BaseModel]) -> BaseModel:
+    """The plain model config (``base``: SparKConfig / MAEConfig) inside a method's config, its own fields
+    dropped: the model is ``base``'s."""
+    return base.model_validate(cfg.model_dump(include=set(base.model_fields) - {"method"}))
+
+
 def spark_part(cfg: GuidedSparKConfig) -> SparKConfig:
     """The SparK model config inside a guided config (its own fields dropped): the model is SparK's."""
-    return SparKConfig.model_validate(cfg.model_dump(include=set(SparKConfig.model_fields) - {"method"}))
+    return model_part(cfg, SparKConfig)
+
+
+def mae_part(cfg: BaseModel) -> MAEConfig:
+    """The MAE model config inside an MAE-based method's config (HPM-MAE, AttMask)."""
+    return model_part(cfg, MAEConfig)
 
 
 def hard_share(epoch: int, epochs: int, alpha_max: float = 0.5) -> float:
@@ -100,13 +137,17 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=precision != "32-true")
 
 
-class TeacherGuidedSparK(SparKMethod):
-    """SparK whose keep-masks come from an EMA teacher's per-cell hardness scores instead of the masking strategy.
+class EMATeacherMixin:
+    """An EMA teacher of the whole model, beside a MIM method (listed before it: ``class M(EMATeacherMixin,
+    MAEMethod)``): the teacher is a :class:`timm.utils.ModelEmaV3` copy taken in :meth:`prepare`, updated after
+    every optimizer step with this epoch's decay (:func:`ramp_decay`, set in :meth:`on_epoch_start`), checkpointed
+    as ``teacher``. The keep-masks are the method's own (``--masking random --ratio R`` gives only the ratio; the
+    random strategy also draws the reconstruction pictures' masks); the masked count is that strategy's.
 
-    Subclasses implement :meth:`teacher_scores`. The masked count is ``--masking random --ratio R``'s (the strategy
-    must be ``random``; it also draws the reconstruction pictures' masks)."""
+    Class attribute ``reference_ramp_epochs``: the decay ramp when the config leaves ``ema_ramp_epochs`` unset
+    (None: ``epochs // 4``, AnatoMask's)."""
 
-    reference_ramp_epochs: int | None = 100  # the decay ramp when the config leaves it unset (None: epochs // 4)
+    reference_ramp_epochs: int | None = 100
 
     def __init__(self, cfg: "PretrainConfig", model: "nn.Module"):
         from ...masking import create_masker, visible_count
@@ -124,12 +165,11 @@ class TeacherGuidedSparK(SparKMethod):
     def check_config(cls, cfg: "PretrainConfig") -> None:
         super().check_config(cfg)
         if cfg.masking.strategy != "random":
-            raise ValueError(f"method '{cfg.model.method}' draws its own masks (the hardest cells by its teacher + "
-                             f"the rest at random); give only the ratio with --masking random --ratio R (got "
-                             f"--masking {cfg.masking.strategy})")
+            raise ValueError(f"method '{cfg.model.method}' draws its own masks (from its EMA teacher); give only the "
+                             f"ratio with --masking random --ratio R (got --masking {cfg.masking.strategy})")
         if getattr(cfg.model, "target", "pixels") != "pixels":
-            raise ValueError(f"method '{cfg.model.method}' reconstructs the pixels (its teacher ranks cells by that "
-                             f"error); model.target {cfg.model.target} is for spark / mae")
+            raise ValueError(f"method '{cfg.model.method}' reconstructs the pixels (its teacher ranks the cells); "
+                             f"model.target {cfg.model.target} is for spark / mae")
 
     # -- schedules -------------------------------------------------------------------------------------------------
     def ramp_epochs(self) -> int:
@@ -141,8 +181,6 @@ class TeacherGuidedSparK(SparKMethod):
     def on_epoch_start(self, epoch: int) -> None:
         m = self.cfg.model
         self.epoch = epoch
-        self.alpha = hard_share(epoch, self.cfg.epochs, m.alpha_max)
-        self.n_hard = hard_count(self.n_mask, self.alpha)
         self.decay = ramp_decay(epoch, m.ema[0], m.ema[1], self.ramp_epochs())
         if self.teacher is not None:
             self.teacher.decay = self.decay
@@ -156,20 +194,6 @@ class TeacherGuidedSparK(SparKMethod):
         self.teacher = ModelEmaV3(self.model, decay=self.decay)
         self.teacher.module.requires_grad_(False)  # moved by the EMA only
         super().prepare(ctx)
-
-    def teacher_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(scores (B, h, w), eligible bool (B, h, w) or None) for the normalized images ``x``, under no_grad."""
-        raise NotImplementedError
-
-    def views(self, batch: tuple[torch.Tensor, ...]) -> MaskedViews:
-        from ...masking.policies import hard_then_random_keep, realised_ratios
-
-        x = self.normalize(batch[0])
-        with torch.no_grad(), _autocast(self.cfg.precision, x.device):
-            scores, eligible = self.teacher_scores(x)
-        keep = hard_then_random_keep(scores.float(), self.cfg.masking.ratio, self.n_hard, self.ctx.generator,
-                                     eligible)
-        return MaskedViews(x, keep, realised_ratios(keep))
 
     def on_after_optimizer_step(self, step: int) -> None:
         super().on_after_optimizer_step(step)
@@ -186,7 +210,43 @@ class TeacherGuidedSparK(SparKMethod):
                            "or resume the run that wrote it")
         self.teacher.module.load_state_dict(state["teacher"])
 
+
+class LossGuidedMixin(EMATeacherMixin):
+    """Keep-masks from the EMA teacher's per-cell hardness scores: the hardest ``⌊M·α_t⌋`` of the ``M`` masked cells
+    plus the rest at random (:func:`~mwm.masking.policies.hard_then_random_keep`; every image keeps ``N − M``
+    cells, so MAE's token gather holds). Subclasses implement :meth:`teacher_scores`."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        m = self.cfg.model
+        self.alpha = hard_share(epoch, self.cfg.epochs, m.alpha_max)
+        self.n_hard = hard_count(self.n_mask, self.alpha)
+        super().on_epoch_start(epoch)
+
+    def teacher_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scores (B, h, w), eligible bool (B, h, w) or None) for the normalized images ``x``, under no_grad."""
+        raise NotImplementedError
+
+    def views(self, batch: tuple[torch.Tensor, ...]) -> MaskedViews:
+        from ...masking.policies import hard_then_random_keep, realised_ratios
+
+        x = self.normalize(batch[0])
+        with torch.no_grad(), _autocast(self.cfg.precision, x.device):
+            scores, eligible = self.teacher_scores(x)
+        keep = hard_then_random_keep(scores.float(), self.cfg.masking.ratio, self.n_hard, self.ctx.generator,
+                                     eligible)
+        return MaskedViews(x, keep, realised_ratios(keep))
+
     def summary_fields(self, rows: list[dict]) -> dict:
         out = super().summary_fields(rows)
         out["masking"] = f"{self.cfg.model.method}: the hardest α_t of the masked cells by its EMA teacher + random"
         return out
+
+
+class TeacherGuidedSparK(LossGuidedMixin, SparKMethod):
+    """SparK whose keep-masks come from an EMA teacher's per-cell hardness scores instead of the masking strategy
+    (HPM, AnatoMask). Subclasses implement :meth:`teacher_scores`."""
+
+
+class TeacherGuidedMAE(LossGuidedMixin, MAEMethod):
+    """MAE whose keep-masks come from an EMA teacher's per-cell hardness scores (HPM on MAE); the visible count
+    is the random strategy's (``MAEMethod.forward_kwargs``), which :func:`hard_then_random_keep` keeps exactly."""

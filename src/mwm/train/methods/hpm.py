@@ -21,8 +21,8 @@ mask: the ones it predicts hardest. From the official code (``Haochen-Wang409/HP
 
 Ours vs theirs: vectorised over the batch on the device (theirs: a per-image loop with a numpy shuffle); the
 pairwise loss uses ``logsigmoid`` (theirs ``log(σ + 1e-6)``, which caps a pair's loss at ≈13.8); the predictor is a
-SparK-style light CNN decoder (theirs: 8 transformer blocks on MAE); the official code's MAE (ViT) variant is not
-built here (SparK only).
+SparK-style light CNN decoder (theirs: 8 transformer blocks on MAE); the official code's MAE (ViT) variant is
+:mod:`.hpm_mae` (``hpm_mae``).
 
 >>> cfg = PretrainConfig(data=..., out=..., model={"method": "hpm", "arch": "resnet18", "size": 64, "mask_stride": 8})
 """
