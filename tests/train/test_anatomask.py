@@ -4,16 +4,16 @@ arm runs in tests/train/test_hpm.py; the registry contract in tests/train/test_m
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
 from mwm.masking.policies import hard_then_random_keep
 from mwm.mim.loss import masked_mse
 from mwm.train import PretrainConfig
-from mwm.train.methods import MaskedViews, MethodContext, create_method
+from mwm.train.methods import MaskedViews
 from mwm.train.methods.anatomask import AnatoMaskMethod, teacher_errors
+
+from .helpers import prepared_method
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +22,7 @@ def anato(tiny_npz, tmp_path_factory):
                          model={"method": "anatomask", "arch": "resnet18", "size": 64, "mask_stride": 8,
                                 "decoder_width": 64, "teacher_ratio": 0.25, "alpha_max": 1.0},
                          masking={"strategy": "random", "ratio": 0.75})
-    torch.manual_seed(0)
-    method = create_method(cfg)
-    method.prepare(MethodContext(torch.device("cpu"), torch.Generator().manual_seed(0),
-                                 types.SimpleNamespace(has_rois=False)))
-    return method
+    return prepared_method(cfg)
 
 
 def test_visible_cells_never_count_as_hard():

@@ -5,14 +5,19 @@ tests/train/test_hpm_mae.py; the registry contract in tests/train/test_method_co
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
 from mwm.train import PretrainConfig
-from mwm.train.methods import MethodContext, create_method
-from mwm.train.methods.attmask import AttMaskMethod, attmask_keep, cls_attention, hint_counts, teacher_cls_attention
+from mwm.train.methods.attmask import (
+    AttMaskMethod,
+    attmask_keep,
+    cls_attention,
+    hint_counts,
+    teacher_cls_attention,
+)
+
+from .helpers import prepared_method
 
 TINY_VIT = {"arch": "vit_tiny_patch16_224", "size": 32, "patch_size": 8}  # 4 × 4 tokens
 
@@ -69,11 +74,7 @@ def attm(tmp_path_factory):
                          model={"method": "attmask", **TINY_VIT, "decoder_dim": 64, "decoder_depth": 1,
                                 "mode": "hint", "show_max": 0.25},
                          masking={"strategy": "random", "ratio": 0.75})
-    torch.manual_seed(0)
-    method = create_method(cfg)
-    method.prepare(MethodContext(torch.device("cpu"), torch.Generator().manual_seed(0),
-                                 types.SimpleNamespace(has_rois=False)))
-    return method
+    return prepared_method(cfg)
 
 
 def test_cls_attention_equals_timms_attention_matrix(attm):

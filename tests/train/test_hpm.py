@@ -4,7 +4,6 @@ in tests/train/test_method_contract.py for every registered method, hpm and anat
 
 from __future__ import annotations
 
-import json
 import math
 import types
 
@@ -17,6 +16,8 @@ from mwm.train import PretrainConfig
 from mwm.train.methods import MethodContext, create_method
 from mwm.train.methods.guided import hard_count, hard_share, ramp_decay
 from mwm.train.methods.hpm import HPMMethod, relative_loss
+
+from .helpers import assert_pretrained_once
 
 
 def _official_relative(pred, target):
@@ -163,8 +164,4 @@ def test_hpm_and_anatomask_arms_run_in_bench(phantoms_npz, tmp_path):
            "tasks": [{"kind": "linear", "options": {"epochs": 1}}]}
     rows = run_bench(BenchConfig.model_validate(raw), log=lambda s: None)
     assert sorted(r["arm"] for r in rows) == ["anatomask", "hpm", "random"]
-    for arm in ("hpm", "anatomask"):
-        run = tmp_path / "b" / "runs" / arm / "seed0" / "pretrain"
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["steps"] == 1 and summary["masking"].startswith(arm)
-        assert (run / "encoder.pth").is_file() and json.loads((run / "encoder.json").read_text())["method"] == arm
+    assert_pretrained_once(tmp_path / "b", ("hpm", "anatomask"))

@@ -6,7 +6,6 @@ export) runs in tests/train/test_method_contract.py."""
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 import torch
@@ -15,9 +14,11 @@ from mwm.masking.policies import hard_then_random_keep
 from mwm.mim.loss import masked_mse
 from mwm.mim.mae import MAE
 from mwm.train import PretrainConfig
-from mwm.train.methods import MethodContext, create_method
+from mwm.train.methods import create_method
 from mwm.train.methods.hpm import relative_loss
 from mwm.train.methods.hpm_mae import HPMMAE, HPMMAEMethod
+
+from .helpers import assert_pretrained_once, prepared_method
 
 TINY_VIT = {"arch": "vit_tiny_patch16_224", "size": 32, "patch_size": 8}  # 4 × 4 tokens
 
@@ -28,11 +29,7 @@ def hpm(tmp_path_factory):
                          model={"method": "hpm_mae", **TINY_VIT, "decoder_dim": 64, "decoder_depth": 3,
                                 "ema_ramp_epochs": 2},
                          masking={"strategy": "random", "ratio": 0.75})
-    torch.manual_seed(0)
-    method = create_method(cfg)
-    method.prepare(MethodContext(torch.device("cpu"), torch.Generator().manual_seed(0),
-                                 types.SimpleNamespace(has_rois=False)))
-    return method
+    return prepared_method(cfg)
 
 
 def _x(seed: int, b: int = 3) -> torch.Tensor:
@@ -178,11 +175,7 @@ def test_hpm_mae_and_attmask_arms_run_in_bench(phantoms_npz, tmp_path):
            "tasks": [{"kind": "linear", "options": {"epochs": 1}}]}
     rows = run_bench(BenchConfig.model_validate(raw), log=lambda s: None)
     assert sorted(r["arm"] for r in rows) == ["attmask", "hpm_mae", "random"]
-    for arm in ("hpm_mae", "attmask"):
-        run = tmp_path / "b" / "runs" / arm / "seed0" / "pretrain"
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["steps"] == 1 and summary["masking"].startswith(arm)
-        assert (run / "encoder.pth").is_file() and json.loads((run / "encoder.json").read_text())["method"] == arm
+    assert_pretrained_once(tmp_path / "b", ("hpm_mae", "attmask"))
     # AttMask-Hint: 12 of 16 masked, then int(0.25·0.75·16) = 3 of the top int(0.25·16) = 4 revealed → 9/16
     s = json.loads((tmp_path / "b" / "runs" / "attmask" / "seed0" / "pretrain" / "summary.json").read_text())
     assert s["mask_ratios"]["mask_ratio"] == pytest.approx(9 / 16)

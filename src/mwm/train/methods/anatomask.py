@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field
 
-from .guided import GuidedSparKConfig, TeacherGuidedSparK, patch_errors, spark_part
+from ...mim import SparKConfig
+from .guided import GuidedSparKConfig, TeacherGuidedSparK, base_model, patch_errors
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -63,13 +64,7 @@ class AnatoMaskMethod(TeacherGuidedSparK):
     reference_ramp_epochs = None  # pretrain_AntoMask.py: the decay ramps over the first epochs // 4
 
     def __init__(self, cfg: "PretrainConfig"):
-        from ...errors import MWMError
-        from ...mim import create_mim_model
-
-        try:
-            model = create_mim_model(spark_part(cfg.model))
-        except ValueError as e:
-            raise MWMError(str(e)) from e
+        model = base_model(cfg.model, SparKConfig)
         super().__init__(cfg, model)
 
     def teacher_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ from pydantic import Field
 from torch import nn
 
 from ...mim import MAEConfig
-from .guided import EMATeacherMixin, TeacherEMAFields, _autocast, mae_part
+from .guided import EMATeacherMixin, TeacherEMAFields, _autocast, base_model
 from .mim import MAEMethod, MaskedViews
 from .registry import register_method
 
@@ -177,12 +177,8 @@ class AttMaskMethod(EMATeacherMixin, MAEMethod):
 
     def __init__(self, cfg: "PretrainConfig"):
         from ...errors import MWMError
-        from ...mim import create_mim_model
 
-        try:
-            mae = create_mim_model(mae_part(cfg.model))
-        except ValueError as e:
-            raise MWMError(str(e)) from e
+        mae = base_model(cfg.model, MAEConfig)
         vit = mae.encoder.model
         if getattr(vit, "cls_token", None) is None:
             raise MWMError(f"AttMask reads the [CLS] token's attention; {cfg.model.arch} has no class token")

@@ -102,6 +102,17 @@ def mae_part(cfg: BaseModel) -> MAEConfig:
     return model_part(cfg, MAEConfig)
 
 
+def base_model(cfg: BaseModel, kind: type[BaseModel]) -> "nn.Module":
+    """The plain MIM model (SparK or MAE, ``kind``) inside a guided method's config; a config timm or the model
+    refuses → :class:`MWMError` (one line, no traceback)."""
+    from ...mim import create_mim_model
+
+    try:
+        return create_mim_model(model_part(cfg, kind))
+    except ValueError as e:
+        raise MWMError(str(e)) from e
+
+
 def hard_share(epoch: int, epochs: int, alpha_max: float = 0.5) -> float:
     """α_t = alpha_max·(epoch + 1)/epochs (HPM's ``generate_mask`` with ``guide=True``), epoch 0-based."""
     return alpha_max * (epoch + 1) / epochs

@@ -39,7 +39,8 @@ from torch import nn
 
 from ...mim.decoder import spark_decoder_init
 from ...mim.spark import SparK
-from .guided import GuidedSparKConfig, TeacherGuidedSparK, patch_errors, spark_part
+from ...mim import SparKConfig
+from .guided import GuidedSparKConfig, TeacherGuidedSparK, base_model, patch_errors
 from .mim import MaskedViews
 from .registry import register_method
 
@@ -154,13 +155,7 @@ class HPMMethod(TeacherGuidedSparK):
     reference_ramp_epochs = 100  # engine_pretrain.py: the decay ramps over epochs 0–99 whatever the run's length
 
     def __init__(self, cfg: "PretrainConfig"):
-        from ...errors import MWMError
-        from ...mim import create_mim_model
-
-        try:
-            spark = create_mim_model(spark_part(cfg.model))
-        except ValueError as e:
-            raise MWMError(str(e)) from e
+        spark = base_model(cfg.model, SparKConfig)
         super().__init__(cfg, HPMSparK(spark, cfg.model.predictor_weight))
 
     def teacher_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -40,7 +40,8 @@ from torch import nn
 
 from ...mim.mae import MAE, _init_linears_and_norms
 from ...mim.loss import unpatchify
-from .guided import GuidedMAEConfig, TeacherGuidedMAE, mae_part, patch_errors
+from ...mim import MAEConfig
+from .guided import GuidedMAEConfig, TeacherGuidedMAE, base_model, patch_errors
 from .hpm import relative_loss
 from .mim import MaskedViews
 from .registry import register_method
@@ -116,13 +117,7 @@ class HPMMAEMethod(TeacherGuidedMAE):
     reference_ramp_epochs = 100  # engine_pretrain.py: the decay ramps over epochs 0–99 whatever the run's length
 
     def __init__(self, cfg: "PretrainConfig"):
-        from ...errors import MWMError
-        from ...mim import create_mim_model
-
-        try:
-            mae = create_mim_model(mae_part(cfg.model))
-        except ValueError as e:
-            raise MWMError(str(e)) from e
+        mae = base_model(cfg.model, MAEConfig)
         super().__init__(cfg, HPMMAE(mae, cfg.model.heads, cfg.model.predictor_weight))
 
     def teacher_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
