@@ -247,6 +247,11 @@ class BenchConfig(BaseModel):
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     rois: RoiSourceConfig = RoiSourceConfig()
     pretrain: dict[str, Any] = Field(default_factory=dict, description="PretrainConfig overrides for every arm")
+    pretrain_images: int | None = Field(default=None, ge=1, description="pretraining length as images seen: every "
+                                        "arm's epochs = max(1, round(pretrain_images / N)), N the images it "
+                                        "pretrains on (the train split after limit), in place of pretrain.epochs; "
+                                        "a budget that carries over to datasets of other sizes (the evidence "
+                                        "protocol: 25,600 = 12 epochs of Br35H's 2,129 train images)")
     arms: list[ArmConfig] = Field(min_length=1)
     baseline: str | None = Field(default=None, description="arm the others are compared to; default: the first "
                                                            "arm with random masking")
@@ -254,6 +259,11 @@ class BenchConfig(BaseModel):
                                             "these arms: the best mean *validation* score (first task, first "
                                             "metric), e.g. random masking at its best ratio, as the MWM paper "
                                             "compares to SparK at its best ratio")
+    baseline_seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, description="more seeds for "
+                                                           "the arm baseline_from chooses, run once every "
+                                                           "baseline_from arm has finished its own seeds (the choice "
+                                                           "uses those seeds only), e.g. [3, 4]: the best random "
+                                                           "ratio gets the main arms' five seeds")
     tasks: list[TaskConfig] = Field(default_factory=lambda: [TaskConfig(kind="linear")], min_length=1)
     device: str = Field(default="auto", description="auto, cpu, cuda")
 
@@ -297,13 +307,21 @@ class BenchConfig(BaseModel):
         maskless = [a.name for a in self.arms if a.pretrain and a.masking and not method_masks(self.method_of(a))]
         if maskless:
             raise ValueError(f"arms {maskless}: their method draws no masks; remove their masking")
+        timed = ["pretrain"] * ("epochs" in self.pretrain) + [f"arms[{a.name}].options" for a in self.arms
+                                                             if "epochs" in a.options]
+        if self.pretrain_images is not None and timed:
+            raise ValueError(f"pretrain_images sets every arm's epochs; remove epochs from {', '.join(timed)}")
         names = [a.name for a in self.arms]
+        if self.baseline_seeds and not self.baseline_from:
+            raise ValueError("baseline_seeds go to the arm baseline_from chooses; give baseline_from too")
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline '{self.baseline}' is not an arm; arms are {names}")
         if self.baseline_from is not None:
             if self.baseline is not None:
                 raise ValueError("give baseline (a fixed arm) or baseline_from (the best of several on val), not both")
             bad = [a for a in self.baseline_from if a not in names]
+            if not bad and self.baseline_seeds:
+                _check_seeds(self.baseline_seeds)
             if bad:
                 raise ValueError(f"baseline_from names arms that do not exist: {bad}; arms are {names}")
         unknown = sorted({a for t in self.tasks for a in (t.arms or []) if a not in names})

@@ -30,6 +30,7 @@ arm and the task config of every task are built by the same functions the runner
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import time
@@ -88,6 +89,27 @@ def roi_sources(cfg: BenchConfig) -> dict[str, tuple[RoiSourceConfig, Path] | No
     return out
 
 
+def budget_epochs(images: int, n: int) -> int:
+    """Epochs that show about ``images`` images from a set of ``n``: ``max(1, round(images / n))``."""
+    return max(1, round(images / max(n, 1)))
+
+
+def pretrain_count(data: Path, opts: dict) -> int:
+    """How many images a pretraining run with these options reads: its split (``split``, default train when the
+    data has one) after ``limit``. Raises :class:`mwm.errors.DataError` for data that cannot be opened."""
+    return _count(str(data), opts.get("split"), opts.get("limit"), json.dumps(opts.get("read") or {}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _count(data: str, split: str | None, limit: int | None, read: str) -> int:
+    from ..data import ReadOptions, open_source, pick_split
+
+    src = open_source(data, ReadOptions.model_validate(json.loads(read)))
+    split = pick_split(src, split)
+    n = len(src.indices(None if split == "all" else split))
+    return n if limit is None else min(n, limit)
+
+
 def pretrain_config(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, resume: bool = False):
     """The PretrainConfig of ``arm`` × ``seed``: the bench's ``pretrain`` options, then the arm's ``options``
     and ``masking``, the arm's method and model options (:meth:`BenchConfig.arm_model`), and the bench's data /
@@ -96,6 +118,8 @@ def pretrain_config(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | No
 
     opts = {**cfg.pretrain, **arm.options}
     opts.pop("model", None)
+    if cfg.pretrain_images is not None:
+        opts["epochs"] = budget_epochs(cfg.pretrain_images, pretrain_count(cfg.data, opts))
     model = cfg.arm_model(arm)  # the arm's method and its options (an arm without `method:` is SparK, as before)
     guided = _guided(arm, cfg)
     return PretrainConfig.model_validate({
@@ -444,6 +468,24 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
     return rows
 
 
+def baseline_runs(cfg: BenchConfig, rows: list[dict]) -> list[tuple[int, ArmConfig]]:
+    """``(seed, arm)`` of ``cfg.baseline_seeds`` for the arm ``baseline_from`` chooses, once every
+    ``baseline_from`` arm has a first-task row for each of its own seeds (else none: the choice is not made on
+    part of the seeds)."""
+    from .tables import choose_baseline
+
+    if not cfg.baseline_seeds:
+        return []
+    arms = {a.name: a for a in cfg.arms}
+    label = cfg.tasks[0].label
+    for name in cfg.baseline_from or []:
+        done = {r["seed"] for r in rows if r["arm"] == name and r["task"] == label}
+        if not set(cfg.seeds_of(arms[name])) <= done:
+            return []
+    base = arms[choose_baseline(cfg, rows)]
+    return [(s, base) for s in cfg.baseline_seeds if s not in cfg.seeds_of(base)]
+
+
 def run_order(cfg: BenchConfig) -> list[tuple[int, ArmConfig]]:
     """Every (seed, arm) of the bench in the order they run: seed by seed, so a stopped bench has whole seeds."""
     return [(seed, arm) for seed in cfg.all_seeds for arm in cfg.arms if seed in cfg.seeds_of(arm)]
@@ -500,16 +542,31 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
         with lock_folder(out, name=".mwm.lock-rois", what="bench ROI preparation", wait_s=6 * 3600):
             rois = _arm_rois(cfg, store, build=not only_tables)
         quality = {p: roi_quality(cfg, p) for p in set(rois.values()) if p is not None and p.is_file()}
-        order = run_order(cfg)
-        if not only_tables:
+        def build(order: list[tuple[int, ArmConfig]]) -> None:
             for k, (seed, arm) in enumerate(order):
                 if k % n == i:
                     _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=True, archive=archive)
-        # tabulate after building: other shards finish parts while this one runs, and the last shard to finish
-        # must see them all (another shard's part is only read, and not reported on)
-        rows = [r for k, (seed, arm) in enumerate(order)
-                for r in _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=False, quiet=k % n != i,
-                                   quality=quality.get(rois[arm.name]), archive=archive)]
+
+        def tabulate(order: list[tuple[int, ArmConfig]]) -> list[dict]:
+            # after building: other shards finish parts while this one runs, and the last shard to finish must
+            # see them all (another shard's part is only read, and not reported on)
+            return [r for k, (seed, arm) in enumerate(order)
+                    for r in _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=False,
+                                       quiet=k % n != i, quality=quality.get(rois[arm.name]), archive=archive)]
+
+        order = run_order(cfg)
+        if not only_tables:
+            build(order)
+        rows = tabulate(order)
+        extra = baseline_runs(cfg, rows)
+        if extra and not only_tables:
+            log(f"baseline {extra[0][1].name} (best of {cfg.baseline_from} on val): seeds "
+                f"{[s for s, _ in extra]} added")
+            build(extra)
+        elif cfg.baseline_seeds and not extra and not only_tables:
+            log(f"baseline_seeds {cfg.baseline_seeds} wait until every baseline_from arm has its seeds; run the "
+                "bench again then")
+        rows += tabulate(extra)
         write_tables(cfg, rows)
         if archive is not None:
             archive.copy_tables(out)

@@ -77,14 +77,18 @@ def _fmt(mean: float, sd: float | None, pct: bool) -> str:
 
 def choose_baseline(cfg: BenchConfig, rows: list[dict]) -> str | None:
     """The baseline arm: ``cfg.baseline`` (or the first random arm), or with ``baseline_from`` the listed arm with
-    the best mean validation score of the first task's first metric (``val_<metric>``; never the test score)."""
+    the best mean validation score of the first task's first metric (``val_<metric>``; never the test score) over
+    each arm's own seeds (the ``baseline_seeds`` the winner gets afterwards do not count)."""
     if not cfg.baseline_from:
         return cfg.baseline_arm
     task = cfg.tasks[0]
     key = f"val_{MAIN_METRICS[task.kind][0]}"
+    arms = {a.name: a for a in cfg.arms}
     scores = {}
     for name in cfg.baseline_from:
-        vals = [r[key] for r in rows if r["arm"] == name and r["task"] == task.label and r.get(key) is not None]
+        own = set(cfg.seeds_of(arms[name]))
+        vals = [r[key] for r in rows if r["arm"] == name and r["task"] == task.label and r.get(key) is not None
+                and r["seed"] in own]
         if vals:
             scores[name] = float(np.mean(vals))
     return max(scores, key=scores.get) if scores else None
@@ -130,6 +134,7 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
     lines = [f"# Bench `{cfg.name}`", "",
              f"Data `{cfg.data}`, {cfg.arch} at {cfg.size} px, seeds {cfg.seeds}"
              + "".join(f" ({a.name}: {a.seeds})" for a in cfg.arms if a.seeds is not None)
+             + (f" (+ seeds {cfg.baseline_seeds} for the chosen baseline)" if cfg.baseline_seeds else "")
              + f", ROIs: {describe_rois(cfg.rois)}"
              + (f" (arms with their own: {'; '.join(own)})" if own else "")
              + f". Metrics ×100, mean ± std over seeds; Δ = paired difference to `{base}` with its 95 % "
