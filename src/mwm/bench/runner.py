@@ -202,7 +202,8 @@ def check_bench(cfg: BenchConfig) -> None:
 def _prepare_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: PartStore, build: bool) -> Path | None:
     """The manifest for one ROI source: ``rois.path`` as given, or gt-boxes (perturbed or not) / foreground boxes
     (+ fallback) written to ``path`` unless a current one is there. ``build=False`` (tables only): None when it
-    is missing or not current."""
+    is not current, or missing and costly to make (a gt-boxes / foreground manifest is made: seconds, and the
+    same bytes every time)."""
     if src.source == "manifest":
         if not path.is_file():
             if not build:
@@ -221,7 +222,9 @@ def _prepare_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: Par
     state = store.check(part, retire=build)
     if state == "done":
         return path
-    if not build:
+    # tables only: a missing manifest of a cheap, deterministic source is made (it identifies the guided arms' parts,
+    # e.g. in an archive-only bench); anything else is not
+    if not build and not (state == "missing" and src.source in ("gt-boxes", "foreground")):
         return None
     recon = None
     if src.source == "reconstruction-error":
