@@ -304,3 +304,39 @@ def test_linear_probe_sweep_keeps_the_best_penalty_on_val(phantoms_npz, encoder,
     # stronger penalties fit the training set less well: the train loss falls along the grid
     losses = [r["train_loss"] for r in rows]
     assert all(a >= b - 1e-4 for a, b in zip(losses, losses[1:])) and losses[0] > losses[-1]
+
+
+def test_recompute_bn_stats_averages_the_train_batches():
+    """The first BatchNorm's running mean becomes the mean of its input over the images (equal batches), the
+    weights do not move, and the model is left in eval mode."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=2)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    w = model.conv1.weight.clone()
+    with torch.no_grad():
+        want = model.conv1(images.float() / 255).mean((0, 2, 3))
+    classify.recompute_bn_stats(model, images, SimpleNamespace(device=torch.device("cpu")), mean, std, batch_size=4)
+    assert torch.allclose(model.bn1.running_mean, want, atol=1e-5) and not model.training
+    assert torch.equal(model.conv1.weight, w) and model.bn1.num_batches_tracked.item() == 2
+    assert model.layer4[1].bn2.running_var.ne(1).any()  # every layer, not only the first
+
+
+def test_linear_probe_of_random_init_with_recomputed_bn_stats(phantoms_npz, tmp_path):
+    """bn_stats recompute: the saved model carries the train statistics and still predicts what the probe
+    reported; the features differ from the untouched random init's; full fine-tuning refuses the option."""
+    outs = {}
+    for mode in ("as_loaded", "recompute"):
+        cfg = cfg_for(phantoms_npz, tmp_path / mode, "none", arch="resnet18", mode="linear", size=32, bn_stats=mode)
+        outs[mode] = (cfg, finetune(cfg))
+    cfg, m = outs["recompute"]
+    sd = torch.load(cfg.out / "model.pth", weights_only=True)
+    assert sd["bn1.running_mean"].abs().sum() > 0
+    logits, y = logits_from_saved(cfg.out, phantoms_npz, "test")
+    assert classify.classification_metrics(logits, torch.from_numpy(y), 3)["accuracy"] == pytest.approx(m["accuracy"])
+    a, b = (np.load(tmp_path / mode / "features.npz")["train_x"] for mode in ("as_loaded", "recompute"))
+    assert a.shape == b.shape and not np.allclose(a, b)
+    with pytest.raises(ValueError, match="bn_stats recompute is for the frozen encoder"):
+        FinetuneConfig(data="x", out="y", weights="none", mode="full", bn_stats="recompute")

@@ -12,11 +12,11 @@ from .common import console, handle_errors
 
 @handle_errors
 def demo(out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("mwm-demo"),
-         n: Annotated[Optional[int], typer.Option("--n", help="Number of phantoms. [default: 480]")] = None,
+         n: Annotated[Optional[int], typer.Option("--n", help="Phantoms (70 % train). [default: 1000]")] = None,
          size: Annotated[Optional[int], typer.Option(help="Phantom side in pixels. [default: 128]")] = None,
          seed: Annotated[Optional[int], typer.Option(help="Seed of every stage. [default: 0]")] = None):
     """Phantoms → tiny CLIP → localize → localize-eval → pretrain (random vs MWM masking) → linear probe →
-    OUT/report.html. A few minutes on a laptop CPU.
+    OUT/report.html. About five minutes on one CPU core.
 
     Example: mwm demo --out mwm-demo
     """

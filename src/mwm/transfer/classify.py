@@ -8,7 +8,8 @@ Protocol: the model is selected on ``val`` (early stopping, best-on-val state re
 ``test``. Inputs are the decoded uint8 images ``/ 255``, normalized with the mean/std pretraining used
 (``encoder.json``), so the encoder sees what it was trained on.
 
-``linear``: the encoder is frozen (eval mode: BatchNorm statistics untouched); its global-pooled features are
+``linear``: the encoder is frozen (eval mode: BatchNorm statistics as loaded, or with ``bn_stats: recompute``
+replaced by their average over the train images — a fairer random-init baseline); its global-pooled features are
 extracted once for train/val/test and cached in ``OUT/features.npz`` (reused while the weights file, the data
 file, the size and the read options are unchanged — compared by path, size and modification time). The head is
 a multinomial logistic regression in torch on features standardized with the train statistics, from zero
@@ -109,6 +110,11 @@ class FinetuneConfig(TransferConfig):
     probe_grid: list[float] = Field(default_factory=lambda: [10.0 ** (e / 2) for e in range(2, -11, -1)],
                                     min_length=1, description="linear sweep: L2 strengths (wd/2 · ‖W‖² on the "
                                     "mean loss), tried from the largest; default 10 … 1e-5 in half decades")
+    bn_stats: Literal["as_loaded", "recompute"] = Field(default="as_loaded", description="linear: the frozen "
+                                                        "encoder's BatchNorm statistics as loaded, or recomputed "
+                                                        "on the train images before features are extracted (no "
+                                                        "weight changes; random init's untouched statistics, mean "
+                                                        "0 / variance 1, mis-scale every layer)")
     precision: Precision = "32-true"
 
     @field_validator("crop_scale")
@@ -120,6 +126,9 @@ class FinetuneConfig(TransferConfig):
 
     @model_validator(mode="after")
     def _mode_defaults(self) -> "FinetuneConfig":
+        if self.bn_stats == "recompute" and self.mode != "linear":
+            raise ValueError("bn_stats recompute is for the frozen encoder of mode linear (full fine-tuning "
+                             "trains the statistics anyway)")
         for k, v in MODE_DEFAULTS[self.mode].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
@@ -152,6 +161,8 @@ def _features_key(cfg: FinetuneConfig, spec) -> str:
            "std": list(spec.std), "data": _stat(cfg.data), "size": cfg.size, "resize": cfg.resize,
            "read": cfg.read.model_dump(mode="json"), "train_limit": cfg.train_limit, "seed": cfg.seed,
            "precision": cfg.precision}
+    if cfg.bn_stats != "as_loaded":
+        key["bn_stats"] = cfg.bn_stats
     return json.dumps(key, sort_keys=True)
 
 
@@ -180,6 +191,19 @@ def extract_features(model, images: torch.Tensor, fabric, mean, std, batch_size:
             if progress is not None:
                 progress(split, i + 1)
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def recompute_bn_stats(model, images: torch.Tensor, fabric, mean, std, batch_size: int) -> None:
+    """Replace every BatchNorm's running statistics by the plain average over ``images`` (N, 3, S, S uint8):
+    :func:`torch.optim.swa_utils.update_bn` (reset, momentum None, train-mode passes) under ``no_grad``, in the
+    fixed image order; weights untouched, the model left in eval mode."""
+    from torch.optim.swa_utils import update_bn
+
+    inputs = (_to_input(images[sl].to(fabric.device, non_blocking=True), mean, std)
+              for sl in _batches(len(images), batch_size))
+    with torch.no_grad():
+        update_bn(inputs, model)
+    model.eval()
 
 
 def classification_metrics(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict:
@@ -374,7 +398,8 @@ def finetune(cfg: FinetuneConfig, progress=None) -> dict:
     if cfg.mode == "linear":
         cache = out / "features.npz"
         key = _features_key(cfg, spec)
-        feats = _read_cache(cache, key)
+        # recomputed BatchNorm statistics live in the model it saves, not in the cache: extract again then
+        feats = _read_cache(cache, key) if cfg.bn_stats == "as_loaded" else None
         if feats is not None:
             label_names = feats.pop("label_names")
             features_status = "cached"
@@ -385,6 +410,8 @@ def finetune(cfg: FinetuneConfig, progress=None) -> dict:
         model = _build(spec, k)
         if feats is None:
             model = model.to(device)
+            if cfg.bn_stats == "recompute":
+                recompute_bn_stats(model, data["train"].x, fabric, mean, std, cfg.batch_size)
             feats = {}
             for s in ("train", "val", "test"):
                 total = math.ceil(len(data[s].y) / cfg.batch_size)
