@@ -45,7 +45,8 @@ def test_pretrain_images_sets_every_arms_epochs(phantoms_npz, tmp_path):
 
 def test_the_winning_ratio_gets_the_baseline_seeds(phantoms_npz, tmp_path, spy):
     raw = _raw(phantoms_npz, tmp_path / "b")
-    raw["arms"] = [{"name": "r50", "masking": {"strategy": "random", "ratio": 0.5}},
+    raw["arms"] = [{"name": "late", "phase": 1, "masking": {"strategy": "random", "ratio": 0.6}},
+                   {"name": "r50", "masking": {"strategy": "random", "ratio": 0.5}},
                    {"name": "r75", "masking": {"strategy": "random", "ratio": 0.75}}]
     raw["tasks"] = raw["tasks"][:1]
     raw.update(baseline_from=["r50", "r75"], baseline_seeds=[1])
@@ -54,8 +55,11 @@ def test_the_winning_ratio_gets_the_baseline_seeds(phantoms_npz, tmp_path, spy):
     rows = run_bench(cfg, log=log.append)
     base = choose_baseline(cfg, [r for r in rows if r["seed"] == 0])
     other = "r75" if base == "r50" else "r50"
-    assert {(r["arm"], r["seed"]) for r in rows} == {("r50", 0), ("r75", 0), (base, 1)}
-    assert ("pretrain", base) in spy and spy.count(("pretrain", base)) == 2 and spy.count(("pretrain", other)) == 1
+    assert {(r["arm"], r["seed"]) for r in rows} == {("r50", 0), ("r75", 0), (base, 1), ("late", 0)}
+    assert spy.count(("pretrain", base)) == 2 and spy.count(("pretrain", other)) == 1
+    # phase 0, then the baseline's extra seed (chosen as soon as it can be), then phase 1
+    pre = [a for kind, a in spy if kind == "pretrain"]
+    assert pre[2:] == [base, "late"] and set(pre[:2]) == {"r50", "r75"}
     assert any(f"baseline {base}" in m and "seeds [1] added" in m for m in log)
     assert choose_baseline(cfg, rows) == base  # the extra seed does not take part in the choice
     assert "(+ seeds [1] for the chosen baseline)" in (tmp_path / "b" / "results.md").read_text()

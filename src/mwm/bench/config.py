@@ -169,6 +169,8 @@ class ArmConfig(BaseModel):
     seeds: list[Annotated[int, Field(ge=0)]] | None = Field(
         default=None, min_length=1,
         description="this arm's seeds (default: the bench's), e.g. 5 seeds for the main arms and 3 for a sweep")
+    phase: int = Field(default=0, ge=0, description="run order: every seed of the phase-0 arms first, then phase "
+                       "1, …; the bench's baseline_seeds run as soon as the baseline_from arms are done")
 
     @field_validator("seeds")
     @classmethod

@@ -490,8 +490,11 @@ def baseline_runs(cfg: BenchConfig, rows: list[dict]) -> list[tuple[int, ArmConf
 
 
 def run_order(cfg: BenchConfig) -> list[tuple[int, ArmConfig]]:
-    """Every (seed, arm) of the bench in the order they run: seed by seed, so a stopped bench has whole seeds."""
-    return [(seed, arm) for seed in cfg.all_seeds for arm in cfg.arms if seed in cfg.seeds_of(arm)]
+    """Every (seed, arm) of the bench in the order they run: phase by phase, and within a phase seed by seed, so a
+    stopped bench has whole seeds of its main arms."""
+    phases = sorted({a.phase for a in cfg.arms})
+    return [(seed, arm) for p in phases for seed in cfg.all_seeds for arm in cfg.arms
+            if arm.phase == p and seed in cfg.seeds_of(arm)]
 
 
 def _check_shards(cfg: BenchConfig, shard: tuple[int, int]) -> None:
@@ -550,23 +553,28 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
                 if k % n == i:
                     _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=True, archive=archive)
 
-        def tabulate(order: list[tuple[int, ArmConfig]]) -> list[dict]:
+        def tabulate(order: list[tuple[int, ArmConfig]], quiet: bool = False) -> list[dict]:
             # after building: other shards finish parts while this one runs, and the last shard to finish must
             # see them all (another shard's part is only read, and not reported on)
             return [r for k, (seed, arm) in enumerate(order)
                     for r in _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=False,
-                                       quiet=k % n != i, quality=quality.get(rois[arm.name]), archive=archive)]
+                                       quiet=quiet or k % n != i, quality=quality.get(rois[arm.name]),
+                                       archive=archive)]
 
         order = run_order(cfg)
-        if not only_tables:
-            build(order)
+        extra: list[tuple[int, ArmConfig]] = []
+        for phase in ([] if only_tables else [*sorted({a.phase for a in cfg.arms}), None]):
+            if phase is not None:
+                build([x for x in order if x[1].phase == phase])
+            if cfg.baseline_seeds and not extra:  # the baseline's extra seeds as soon as it can be chosen
+                extra = baseline_runs(cfg, tabulate([x for x in order if x[1].name in cfg.baseline_from], True))
+                if extra:
+                    log(f"baseline {extra[0][1].name} (best of {cfg.baseline_from} on val): seeds "
+                        f"{[s for s, _ in extra]} added")
+                    build(extra)
         rows = tabulate(order)
         extra = baseline_runs(cfg, rows)
-        if extra and not only_tables:
-            log(f"baseline {extra[0][1].name} (best of {cfg.baseline_from} on val): seeds "
-                f"{[s for s, _ in extra]} added")
-            build(extra)
-        elif cfg.baseline_seeds and not extra and not only_tables:
+        if cfg.baseline_seeds and not extra and not only_tables:
             log(f"baseline_seeds {cfg.baseline_seeds} wait until every baseline_from arm has its seeds; run the "
                 "bench again then")
         rows += tabulate(extra)
