@@ -198,13 +198,15 @@ class ArmConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        # method / model at their defaults are left out, so the config.yaml of a bench made before arms could name
-        # a method dumps as it did (shards of one bench compare their dumps)
+        # method / model / phase at their defaults are left out, so the config.yaml of a bench made before arms
+        # had them dumps as it did (shards of one bench compare their dumps)
         d = handler(self)
         if self.method is None:
             d.pop("method", None)
         if not self.model:
             d.pop("model", None)
+        if self.phase == 0:
+            d.pop("phase", None)
         return d
 
     @property
