@@ -5,11 +5,11 @@ that do not belong in version control, yet a long protocol spans sessions and ma
 not kept. With ``archive: DIR`` in the bench YAML every finished part also writes one JSON file,
 ``DIR/<arm>/seed<k>/<part>.json`` (``pretrain`` or the task's label), holding the part's identity and hash
 (:mod:`mwm.bench.parts`) and what the tables need: a pretraining run's ``summary.json``, its realised mask
-ratios and the SHA-256 of its ``encoder.pth``; a task's ``metrics.json``.
+ratios and the SHA-256 of its encoder's tensors; a task's ``metrics.json``.
 
 An arm × seed whose parts are *all* archived under the identities asked for now is tabulated from the archive
 and not run again, even when ``OUT`` is empty. When any is missing, the arm × seed runs as usual; a task found
-in the archive under the encoder it would now read is still not rerun. A re-pretrained encoder with other bytes
+in the archive under the encoder it would now read is still not rerun. A re-pretrained encoder with other values
 (another device, another library version) has another hash, so its tasks get another identity and are run for
 it — archived numbers are never attached to an encoder they were not measured on.
 

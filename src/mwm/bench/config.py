@@ -280,7 +280,7 @@ class BenchConfig(BaseModel):
             raise ValueError(f"arm names must be unique; repeated: {sorted(dup)}")
         return v
 
-    @field_validator("seeds")
+    @field_validator("seeds", "baseline_seeds")
     @classmethod
     def _unique_seeds(cls, v: list[int]) -> list[int]:
         return _check_seeds(v)
@@ -324,8 +324,6 @@ class BenchConfig(BaseModel):
             if self.baseline is not None:
                 raise ValueError("give baseline (a fixed arm) or baseline_from (the best of several on val), not both")
             bad = [a for a in self.baseline_from if a not in names]
-            if not bad and self.baseline_seeds:
-                _check_seeds(self.baseline_seeds)
             if bad:
                 raise ValueError(f"baseline_from names arms that do not exist: {bad}; arms are {names}")
         unknown = sorted({a for t in self.tasks for a in (t.arms or []) if a not in names})

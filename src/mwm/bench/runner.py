@@ -336,24 +336,24 @@ def _pretrain_part(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path, sha:
 
 
 def _pretrain(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
-              log: Callable, build: bool, quiet: bool = False) -> dict | None:
-    """The arm's finished pretraining summary (running or resuming it when ``build``), else None."""
+              log: Callable, build: bool, quiet: bool = False) -> tuple[dict | None, Part | None]:
+    """(the arm's finished pretraining summary — running or resuming it when ``build`` — else None; its part)."""
     from .. import train
 
     if _guided(arm, cfg) and rois is None:
-        return None  # tables only, and the ROI manifest is missing or not current
+        return None, None  # tables only, and the ROI manifest is missing or not current
     part = _pretrain_part(cfg, arm, seed, rois, sha)
     pc, out = part.config, part.path
     state = store.check(part, retire=build, quiet=quiet)
     if state == "done":
-        return json.loads(part.marker.read_text())
+        return json.loads(part.marker.read_text()), part
     if not build:
-        return None
+        return None, part
     resume = state == "partial" and (out / "checkpoints" / "last.pt").is_file()
     store.write_record(part)
     how = pc.model.method + (f", {pc.masking.strategy}" if cfg.strategy_of(arm) else "")
     log(f"pretrain {arm.name} seed {seed} ({how}, {pc.epochs} epochs{', resuming' if resume else ''})")
-    return train.pretrain(pc.model_copy(update={"resume": resume}))
+    return train.pretrain(pc.model_copy(update={"resume": resume})), part
 
 
 def _task_part(cfg: BenchConfig, task: TaskConfig, arm: str, weights: str, encoder_sha: str | None, seed: int,
@@ -442,7 +442,7 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
     ratios: dict = {}
     weights, encoder_sha = "none", None
     if arm.pretrain:
-        summary = _pretrain(cfg, arm, seed, rois, store, sha, log, build, quiet)
+        summary, part = _pretrain(cfg, arm, seed, rois, store, sha, log, build, quiet)
         if summary is None:
             return []
         weights = _weights(cfg, arm, seed)
@@ -452,7 +452,7 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
         encoder_sha = sha.tensors(Path(weights))
         ratios = _mask_ratios(base / "pretrain")
         if archive is not None:
-            archive.put(_pretrain_part(cfg, arm, seed, rois, sha), arm.name, seed, "pretrain",
+            archive.put(part, arm.name, seed, "pretrain",
                         {"summary": summary, "mask_ratios": ratios, "encoder_sha256": encoder_sha})
     rows = []
     for task in cfg.tasks:
