@@ -146,15 +146,19 @@ def bench_one(spec: str, args, dev: torch.device, sync) -> dict:
     g = torch.Generator(device=dev).manual_seed(0)
     grid = sparse.grid(size)
 
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+
     def sparse_step():
         keep = random_keep(batch, grid, args.ratio, g, dev)
-        loss = sparse(x, keep)["loss"]
+        with amp:
+            loss = sparse(x, keep)["loss"]
         opt_s.zero_grad(set_to_none=True)
         loss.backward()
         opt_s.step()
 
     def dense_step():
-        loss = F.cross_entropy(dense(x), y)
+        with amp:
+            loss = F.cross_entropy(dense(x), y)
         opt_d.zero_grad(set_to_none=True)
         loss.backward()
         opt_d.step()
@@ -164,7 +168,7 @@ def bench_one(spec: str, args, dev: torch.device, sync) -> dict:
     spark = hasattr(sparse.decoder, "block_kind")
     return {
         "arch": arch, "size": size, "batch": batch, "options": opts, "method": "spark" if spark else "mae",
-        "mask_grid": list(grid), "mask_ratio": args.ratio,
+        "mask_grid": list(grid), "mask_ratio": args.ratio, "precision": args.precision,
         "decoder_width": sparse.decoder.width if spark else None,
         "decoder_block": sparse.decoder.block_kind if spark else None,
         "densify_kernel": args.densify_kernel, "decoder_channels_last": not args.decoder_nchw, "bn": args.bn,
@@ -191,6 +195,8 @@ def main() -> None:
     ap.add_argument("--block", default="light", choices=["light", "spark"])
     ap.add_argument("--bn", default="masked", choices=["masked", "gather", "autograd"])
     ap.add_argument("--decoder-nchw", action="store_true")
+    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                    help="bf16-mixed: both steps under bf16 autocast (on CPU, fast where oneDNN has AMX / AVX512-BF16)")
     args = ap.parse_args()
 
     dev = torch.device(args.device)
