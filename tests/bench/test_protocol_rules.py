@@ -11,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from mwm.bench import BenchConfig, run_bench
+from mwm.config import ConfigError
 from mwm.bench.runner import budget_epochs, check_bench, pretrain_config, pretrain_count
 from mwm.bench.tables import choose_baseline
 
@@ -65,6 +66,26 @@ def test_the_winning_ratio_gets_the_baseline_seeds(phantoms_npz, tmp_path, spy):
     assert "(+ seeds [1] for the chosen baseline)" in (tmp_path / "b" / "results.md").read_text()
     with pytest.raises(ValidationError, match="give baseline_from too"):
         BenchConfig.model_validate({**raw, "baseline_from": None})
+
+
+def test_phases_build_only_the_arms_asked_for(phantoms_npz, tmp_path, spy):
+    raw = _raw(phantoms_npz, tmp_path / "b")
+    raw["arms"] = [{"name": "late", "phase": 1, "masking": {"strategy": "random", "ratio": 0.6}},
+                   {"name": "r50", "masking": {"strategy": "random", "ratio": 0.5}},
+                   {"name": "r75", "masking": {"strategy": "random", "ratio": 0.75}}]
+    raw["tasks"] = raw["tasks"][:1]
+    raw.update(baseline_from=["r50", "r75"], baseline_seeds=[1])
+    cfg = BenchConfig.model_validate(raw)
+    rows = run_bench(cfg, log=lambda m: None, phases=[1])
+    assert spy == [("pretrain", "late"), ("linear", "late")]
+    assert {(r["arm"], r["seed"]) for r in rows} == {("late", 0)}
+    spy.clear()
+    rows = run_bench(cfg, log=lambda m: None, phases=[0])  # the main arms and the baseline's extra seed
+    base = choose_baseline(cfg, rows)
+    assert sorted(a for kind, a in spy if kind == "pretrain") == sorted(["r50", "r75", base])
+    assert {(r["arm"], r["seed"]) for r in rows} == {("r50", 0), ("r75", 0), (base, 1), ("late", 0)}
+    with pytest.raises(ConfigError, match=r"--phases 2: no arm of bench 'p' has that phase; its arms' phases are \[0, 1\]"):
+        run_bench(cfg, phases=[0, 2])
 
 
 def _uncommented(text: str) -> str:

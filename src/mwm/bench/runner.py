@@ -35,7 +35,7 @@ import importlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from pydantic import BaseModel, ValidationError
 
@@ -497,6 +497,15 @@ def run_order(cfg: BenchConfig) -> list[tuple[int, ArmConfig]]:
             if arm.phase == p and seed in cfg.seeds_of(arm)]
 
 
+def _check_phases(cfg: BenchConfig, phases: Collection[int] | None) -> None:
+    """``--phases`` must name phases that some arm has."""
+    have = sorted({a.phase for a in cfg.arms})
+    unknown = sorted(set(phases or ()) - set(have))
+    if unknown:
+        raise ConfigError(f"--phases {','.join(map(str, unknown))}: no arm of bench {cfg.name!r} has "
+                          f"{'that phase' if len(unknown) == 1 else 'those phases'}; its arms' phases are {have}")
+
+
 def _check_shards(cfg: BenchConfig, shard: tuple[int, int]) -> None:
     """Shards of one bench share ``OUT`` (each holds its own lock); an unsharded bench does not run beside
     shards, and every shard must run the same bench config (a different one would retire the others' parts)."""
@@ -523,13 +532,15 @@ def _check_shards(cfg: BenchConfig, shard: tuple[int, int]) -> None:
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables: bool = False,
-              shard: tuple[int, int] = (0, 1)) -> list[dict]:
+              shard: tuple[int, int] = (0, 1), phases: Collection[int] | None = None) -> list[dict]:
     """Run (or resume) everything and write the tables and plots; returns the result rows.
 
     ``only_tables``: run nothing, move nothing; tabulate the parts that are done under the current config.
     ``shard`` ``(i, n)``: run every n-th (seed, arm) of :func:`run_order` starting at i, so n processes (one
     core or GPU each) share one bench folder; each writes the tables of every part done so far, so the last
-    one to finish leaves the complete tables. Raises :class:`ConfigError` (before creating anything) when an
+    one to finish leaves the complete tables. ``phases``: build only the arms of these phases (the baseline's
+    extra seeds count as its own phase), e.g. ``{0}`` to give every dataset's main arms their seeds before any
+    secondary arm; the tables still show every finished part. Raises :class:`ConfigError` (before creating anything) when an
     arm's or task's config is invalid, and :class:`MWMError` when another bench holds ``OUT``.
     """
     from ..io import lock_folder, shard_lock_name
@@ -537,6 +548,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
     from .tables import write_tables
 
     check_bench(cfg)
+    _check_phases(cfg, phases)
     out = cfg.out_dir
     i, n = shard
     with lock_folder(out, name=shard_lock_name(shard), what="bench run"):
@@ -563,11 +575,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
 
         order = run_order(cfg)
         extra: list[tuple[int, ArmConfig]] = []
+        wanted = {a.phase for a in cfg.arms} if phases is None else set(phases)
         for phase in ([] if only_tables else [*sorted({a.phase for a in cfg.arms}), None]):
-            if phase is not None:
+            if phase is not None and phase in wanted:
                 build([x for x in order if x[1].phase == phase])
             if cfg.baseline_seeds and not extra:  # the baseline's extra seeds as soon as it can be chosen
                 extra = baseline_runs(cfg, tabulate([x for x in order if x[1].name in cfg.baseline_from], True))
+                extra = [x for x in extra if x[1].phase in wanted]
                 if extra:
                     log(f"baseline {extra[0][1].name} (best of {cfg.baseline_from} on val): seeds "
                         f"{[s for s, _ in extra]} added")

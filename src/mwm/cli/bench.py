@@ -22,15 +22,15 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
         raise ConfigError(f"--shard: {e}") from None
 
 
-def _parse_seeds(seeds: str | None) -> list[int] | None:
-    """``"0,1,2"`` → ``[0, 1, 2]``; anything else is a ConfigError saying what to pass."""
+def _parse_seeds(seeds: str | None, option: str = "--seeds") -> list[int] | None:
+    """``"0,1,2"`` → ``[0, 1, 2]``; anything else is a ConfigError saying what to pass to ``option``."""
     if seeds is None:
         return None
     from ..config import ConfigError
 
     items = [s.strip() for s in seeds.split(",")]
     if not all(s.isdigit() for s in items):
-        raise ConfigError(f"--seeds {seeds!r}: give comma-separated non-negative integers, e.g. --seeds 0,1,2")
+        raise ConfigError(f"{option} {seeds!r}: give comma-separated non-negative integers, e.g. {option} 0,1,2")
     return [int(s) for s in items]
 
 
@@ -42,6 +42,9 @@ def bench(
                                                       "their own `seeds:` keep them).")] = None,
     shard: Annotated[Optional[str], typer.Option(help="i/n: run every n-th arm x seed starting at i, so n "
                                                       "processes share one bench folder.")] = None,
+    phases: Annotated[Optional[str], typer.Option(help="Comma-separated arm phases to run, e.g. 0 (the main "
+                                                       "arms) before any dataset's secondary arms; the tables "
+                                                       "still show every finished part. [default: all]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda for every part.")] = None,
     tables_only: Annotated[bool, typer.Option("--tables-only", help="Only rebuild the tables and plots from "
                                                                      "finished parts.")] = False,
@@ -66,10 +69,11 @@ def bench(
 
         raise MWMError(f"{config}: no such bench config; see configs/bench/ for examples")
     seed_list = _parse_seeds(seeds)
+    phase_list = _parse_seeds(phases, "--phases")
     cfg = resolve(BenchConfig, config, sets, {"out": out_dir, "device": device, "seeds": seed_list})
     t0 = time.perf_counter()
     rows = run_bench(cfg, log=lambda msg: console.print(f"[bold]bench[/bold] {msg}", highlight=False),
-                     only_tables=tables_only, shard=_parse_shard(shard))
+                     only_tables=tables_only, shard=_parse_shard(shard), phases=phase_list)
     md = (cfg.out_dir / "results.md").read_text()
     out.print(md, markup=False, highlight=False)
     console.print(f"{len(rows)} result rows in {time.perf_counter() - t0:.0f}s: {cfg.out_dir}/results.csv, "
