@@ -88,6 +88,41 @@ def test_phases_build_only_the_arms_asked_for(phantoms_npz, tmp_path, spy):
         run_bench(cfg, phases=[0, 2])
 
 
+def test_a_task_on_the_chosen_baseline_and_some_seeds(phantoms_npz, tmp_path, spy):
+    raw = _raw(phantoms_npz, tmp_path / "b")
+    raw["seeds"] = [0, 1]
+    raw["arms"] = [{"name": "r50", "masking": {"strategy": "random", "ratio": 0.5}, "seeds": [0]},
+                   {"name": "r75", "masking": {"strategy": "random", "ratio": 0.75}, "seeds": [0]}]
+    raw["tasks"] = [raw["tasks"][0], {"kind": "linear", "name": "costly", "arms": ["baseline"], "seeds": [0],
+                                      "options": {"epochs": 2}}]
+    raw.update(baseline_from=["r50", "r75"], baseline_seeds=[1])
+    cfg = BenchConfig.model_validate(raw)
+    rows = run_bench(cfg, log=lambda m: None)
+    base = choose_baseline(cfg, rows)
+    assert {(r["arm"], r["seed"], r["task"]) for r in rows} == {
+        ("r50", 0, "linear"), ("r75", 0, "linear"), (base, 1, "linear"), (base, 0, "costly")}
+    # the costly task waited for the choice: pretraining ran once per arm × seed, the task once
+    assert sorted(spy) == sorted([("pretrain", "r50"), ("pretrain", "r75"), ("pretrain", base), ("linear", "r50"),
+                                  ("linear", "r75"), ("linear", base), ("costly", base)])
+    spy.clear()
+    assert {(r["arm"], r["seed"], r["task"]) for r in run_bench(cfg, log=lambda m: None)} == {
+        (r["arm"], r["seed"], r["task"]) for r in rows} and spy == []
+    for bad, match in [({"tasks": raw["tasks"][::-1]}, "the first task .'costly'. runs on every arm and seed"),
+                       ({"tasks": [raw["tasks"][0], {**raw["tasks"][1], "seeds": [7]}]},
+                        r"tasks name seeds no arm runs: \[7\]"),
+                       ({"baseline_from": None, "baseline_seeds": [], "arms": raw["arms"][:1] + [
+                           {"name": "mwm", "masking": {"strategy": "roi", "ratio_in": 1.0, "ratio_out": 0.25}}],
+                         "baseline": None}, None)]:
+        if match is None:  # a fixed baseline (the first random arm) serves as 'baseline' too
+            assert BenchConfig.model_validate({**raw, **bad}).baseline_arm == "r50"
+            continue
+        with pytest.raises(ValidationError, match=match):
+            BenchConfig.model_validate({**raw, **bad})
+    with pytest.raises(ValidationError, match="a task runs on 'baseline' but the bench has no baseline"):
+        BenchConfig.model_validate({**raw, "baseline_from": None, "baseline_seeds": [], "arms": [
+            {"name": "mwm", "masking": {"strategy": "roi", "ratio_in": 1.0, "ratio_out": 0.25}}]})
+
+
 def _uncommented(text: str) -> str:
     """The bench file with its commented-out arms (later phases) switched on."""
     return re.sub(r"^  # (- |  )", r"  \1", text, flags=re.M)

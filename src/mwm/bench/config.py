@@ -217,6 +217,10 @@ class ArmConfig(BaseModel):
         return self.masking.get("strategy", "random")
 
 
+# In a task's ``arms``: the arm ``baseline_from`` chooses (or the fixed baseline).
+BASELINE_ALIAS = "baseline"
+
+
 class TaskConfig(BaseModel):
     """A transfer task: ``linear`` / ``full`` (``mwm finetune``), ``segment``, ``detect``; ``options`` are fields
     of that command's config (e.g. ``{epochs: 10, lr: 1e-3}``)."""
@@ -227,10 +231,17 @@ class TaskConfig(BaseModel):
     name: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     arms: list[str] | None = Field(default=None, description="run this task on these arms only (default: all), "
-                                   "e.g. an expensive detection task on the main arms of a sweep")
+                                   "e.g. an expensive detection task on the main arms of a sweep; 'baseline' "
+                                   "names the arm baseline_from chooses (known once its candidates are done)")
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, description="run this task on these "
+                                                            "seeds only (default: every seed of its arms), e.g. "
+                                                            "3 seeds of an expensive full fine-tuning")
 
-    def runs_on(self, arm: str) -> bool:
-        return self.arms is None or arm in self.arms
+    def runs_on(self, arm: str, seed: int | None = None, baseline: str | None = None) -> bool:
+        """Whether this task runs on ``arm`` × ``seed`` (any seed when None); ``baseline`` is the chosen baseline
+        arm (None while it is not known: then an arm listed only as 'baseline' does not run the task)."""
+        listed = self.arms is None or arm in self.arms or (BASELINE_ALIAS in self.arms and arm == baseline)
+        return listed and (seed is None or self.seeds is None or seed in self.seeds)
 
     @property
     def label(self) -> str:
@@ -326,9 +337,23 @@ class BenchConfig(BaseModel):
             bad = [a for a in self.baseline_from if a not in names]
             if bad:
                 raise ValueError(f"baseline_from names arms that do not exist: {bad}; arms are {names}")
-        unknown = sorted({a for t in self.tasks for a in (t.arms or []) if a not in names})
+        if BASELINE_ALIAS in names and any(BASELINE_ALIAS in (t.arms or []) for t in self.tasks):
+            raise ValueError(f"an arm is named '{BASELINE_ALIAS}', which a task's arms use for the chosen baseline; "
+                             "rename the arm")
+        unknown = sorted({a for t in self.tasks for a in (t.arms or []) if a not in [*names, BASELINE_ALIAS]})
         if unknown:
-            raise ValueError(f"tasks name arms that do not exist: {unknown}; arms are {names}")
+            raise ValueError(f"tasks name arms that do not exist: {unknown}; arms are {names} (and "
+                             f"'{BASELINE_ALIAS}', the chosen baseline)")
+        if any(BASELINE_ALIAS in (t.arms or []) for t in self.tasks) and not (self.baseline_from or
+                                                                               self.baseline_arm):
+            raise ValueError(f"a task runs on '{BASELINE_ALIAS}' but the bench has no baseline: give baseline or "
+                             "baseline_from")
+        if self.tasks[0].arms is not None or self.tasks[0].seeds is not None:
+            raise ValueError(f"the first task ('{self.tasks[0].label}') runs on every arm and seed: the baseline "
+                             "is chosen and every arm is compared on it; restrict a later task instead")
+        stray = sorted({s for t in self.tasks for s in (t.seeds or []) if s not in [*self.all_seeds, *self.baseline_seeds]})
+        if stray:
+            raise ValueError(f"tasks name seeds no arm runs: {stray}; the bench's seeds are {self.all_seeds}")
         labels = [t.label for t in self.tasks]
         if len(set(labels)) != len(labels):
             raise ValueError(f"task names must be unique (give `name:` to repeated kinds): {labels}")

@@ -180,9 +180,10 @@ def check_bench(cfg: BenchConfig) -> None:
                 # the bench's shared `pretrain:` block is named once, not once per arm
                 lines += [m if m.startswith("pretrain.") else f"arm '{arm.name}': {m}"
                           for m in _errors(e, lambda loc: _pretrain_key(cfg, arm, loc))]
+    candidates = cfg.baseline_from or [cfg.baseline_arm]
     for task in cfg.tasks:
         for arm in cfg.arms:
-            if not task.runs_on(arm.name):
+            if not task.runs_on(arm.name, baseline=arm.name if arm.name in candidates else None):
                 continue
             try:
                 task_config(cfg, task, seed, _weights(cfg, arm, seed), run_dir(cfg, arm.name, seed) / task.label,
@@ -397,7 +398,7 @@ def _mask_ratios(pretrain_dir: Path) -> dict:
 
 
 def _archived_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, sha: _Hashes, archive: Archive,
-                   quality: dict | None) -> list[dict] | None:
+                   quality: dict | None, baseline: str | None) -> list[dict] | None:
     """Every row of one arm × seed from the archive, or None when any of its parts is not archived under the
     identity asked for now (then it runs, or is read from OUT, as usual)."""
     from .tables import result_row
@@ -414,7 +415,7 @@ def _archived_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | Non
         summary, ratios, encoder_sha = rec["summary"], rec["mask_ratios"], rec["encoder_sha256"]
     rows = []
     for task in cfg.tasks:
-        if not task.runs_on(arm.name):
+        if not task.runs_on(arm.name, seed, baseline):
             continue
         part = _task_part(cfg, task, arm.name, _weights(cfg, arm, seed), encoder_sha, seed,
                           run_dir(cfg, arm.name, seed) / task.label, cfg.arch_of(arm))
@@ -428,13 +429,14 @@ def _archived_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | Non
 
 def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
               log: Callable, build: bool, quiet: bool = False, quality: dict | None = None,
-              archive: Archive | None = None) -> list[dict]:
+              archive: Archive | None = None, baseline: str | None = None) -> list[dict]:
     """Pretrain one arm × seed (if it pretrains), run its tasks; one result row per finished task. With an
-    ``archive``: an arm × seed archived whole is read from it; finished parts are archived."""
+    ``archive``: an arm × seed archived whole is read from it; finished parts are archived. ``baseline``: the
+    chosen baseline arm, for tasks that run on it (None while unknown)."""
     from .tables import result_row
 
     if archive is not None:
-        rows = _archived_rows(cfg, arm, seed, rois, sha, archive, quality)
+        rows = _archived_rows(cfg, arm, seed, rois, sha, archive, quality, baseline)
         if rows is not None:
             return rows
     base = run_dir(cfg, arm.name, seed)
@@ -456,7 +458,7 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
                         {"summary": summary, "mask_ratios": ratios, "encoder_sha256": encoder_sha})
     rows = []
     for task in cfg.tasks:
-        if not task.runs_on(arm.name):
+        if not task.runs_on(arm.name, seed, baseline):
             continue
         t0 = time.perf_counter()
         part = _task_part(cfg, task, arm.name, weights, encoder_sha, seed, base / task.label, cfg.arch_of(arm))
@@ -471,22 +473,41 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
     return rows
 
 
-def baseline_runs(cfg: BenchConfig, rows: list[dict]) -> list[tuple[int, ArmConfig]]:
-    """``(seed, arm)`` of ``cfg.baseline_seeds`` for the arm ``baseline_from`` chooses, once every
-    ``baseline_from`` arm has a first-task row for each of its own seeds (else none: the choice is not made on
+def chosen_baseline(cfg: BenchConfig, rows: list[dict]) -> str | None:
+    """The baseline arm once it is known: the fixed one, or the ``baseline_from`` arm with the best validation score
+    once every candidate has a first-task row for each of its own seeds (None before: the choice is never made on
     part of the seeds)."""
     from .tables import choose_baseline
 
-    if not cfg.baseline_seeds:
-        return []
+    if not cfg.baseline_from:
+        return cfg.baseline_arm
     arms = {a.name: a for a in cfg.arms}
     label = cfg.tasks[0].label
-    for name in cfg.baseline_from or []:
+    for name in cfg.baseline_from:
         done = {r["seed"] for r in rows if r["arm"] == name and r["task"] == label}
         if not set(cfg.seeds_of(arms[name])) <= done:
-            return []
-    base = arms[choose_baseline(cfg, rows)]
-    return [(s, base) for s in cfg.baseline_seeds if s not in cfg.seeds_of(base)]
+            return None
+    return choose_baseline(cfg, rows)
+
+
+def baseline_runs(cfg: BenchConfig, rows: list[dict]) -> list[tuple[int, ArmConfig]]:
+    """``(seed, arm)`` of ``cfg.baseline_seeds`` for the arm ``baseline_from`` chooses, once it is known
+    (:func:`chosen_baseline`; else none)."""
+    base = chosen_baseline(cfg, rows) if cfg.baseline_seeds else None
+    if base is None:
+        return []
+    arm = next(a for a in cfg.arms if a.name == base)
+    return [(s, arm) for s in cfg.baseline_seeds if s not in cfg.seeds_of(arm)]
+
+
+def _baseline_tasks(cfg: BenchConfig, base: str) -> list[tuple[int, ArmConfig]]:
+    """``(seed, arm)`` of the chosen baseline's own seeds when a task runs on 'baseline' (those tasks could not run
+    before the choice), then its ``baseline_seeds``."""
+    from .config import BASELINE_ALIAS
+
+    arm = next(a for a in cfg.arms if a.name == base)
+    own = cfg.seeds_of(arm) if any(BASELINE_ALIAS in (t.arms or []) for t in cfg.tasks) else []
+    return [(s, arm) for s in own] + [(s, arm) for s in cfg.baseline_seeds if s not in cfg.seeds_of(arm)]
 
 
 def run_order(cfg: BenchConfig) -> list[tuple[int, ArmConfig]]:
@@ -563,7 +584,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
         def build(order: list[tuple[int, ArmConfig]]) -> None:
             for k, (seed, arm) in enumerate(order):
                 if k % n == i:
-                    _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=True, archive=archive)
+                    _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=True, archive=archive,
+                              baseline=chosen)
 
         def tabulate(order: list[tuple[int, ArmConfig]], quiet: bool = False) -> list[dict]:
             # after building: other shards finish parts while this one runs, and the last shard to finish must
@@ -571,21 +593,25 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
             return [r for k, (seed, arm) in enumerate(order)
                     for r in _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=False,
                                        quiet=quiet or k % n != i, quality=quality.get(rois[arm.name]),
-                                       archive=archive)]
+                                       archive=archive, baseline=chosen)]
 
         order = run_order(cfg)
-        extra: list[tuple[int, ArmConfig]] = []
+        candidates = [x for x in order if x[1].name in (cfg.baseline_from or [])]
+        chosen: str | None = None  # read by build / tabulate
+        chosen = chosen_baseline(cfg, tabulate(candidates, True))
         wanted = {a.phase for a in cfg.arms} if phases is None else set(phases)
+        pending = True  # the chosen baseline's extra seeds and 'baseline' tasks, built once, as soon as it is known
         for phase in ([] if only_tables else [*sorted({a.phase for a in cfg.arms}), None]):
             if phase is not None and phase in wanted:
                 build([x for x in order if x[1].phase == phase])
-            if cfg.baseline_seeds and not extra:  # the baseline's extra seeds as soon as it can be chosen
-                extra = baseline_runs(cfg, tabulate([x for x in order if x[1].name in cfg.baseline_from], True))
-                extra = [x for x in extra if x[1].phase in wanted]
-                if extra:
-                    log(f"baseline {extra[0][1].name} (best of {cfg.baseline_from} on val): seeds "
-                        f"{[s for s, _ in extra]} added")
-                    build(extra)
+            chosen = chosen or chosen_baseline(cfg, tabulate(candidates, True))
+            if chosen is not None and pending:
+                pending = False
+                extra = [x for x in _baseline_tasks(cfg, chosen) if x[1].phase in wanted]
+                added = [s for s, arm in extra if s not in cfg.seeds_of(arm)]
+                if added:
+                    log(f"baseline {chosen} (best of {cfg.baseline_from} on val): seeds {added} added")
+                build(extra)
         rows = tabulate(order)
         extra = baseline_runs(cfg, rows)
         if cfg.baseline_seeds and not extra and not only_tables:
