@@ -114,3 +114,30 @@ def test_a_shard_started_by_an_older_mwm_is_not_another_config(phantoms_npz, tmp
         (out / "config.yaml").write_text(yaml.safe_dump(saved))
         with pytest.raises(MWMError, match="another config"):
             run_bench(cfg, log=lambda s: None, only_tables=True, shard=(1, 2))
+
+
+def test_shards_started_together_wait_for_each_others_config(phantoms_npz, tmp_path):
+    """Shard 0 holds its lock and is about to save its config.yaml (an earlier bench's is still there) when shard 1
+    starts: shard 1 must wait for the save, not refuse its own config as another one."""
+    import threading
+    import time
+
+    from mwm.config import save_config
+
+    raw = _seeded(phantoms_npz, tmp_path / "b")
+    cfg, out = BenchConfig.model_validate(raw), tmp_path / "b"
+    run_bench(BenchConfig.model_validate({**raw, "seeds": [0, 1, 2]}), log=lambda s: None, only_tables=True)
+    saving = threading.Event()
+
+    def shard0_saves():
+        with lock_folder(out, name=".mwm.lock-config", what="bench config check"):
+            saving.set()
+            time.sleep(1.0)
+            save_config(cfg, out / "config.yaml")
+
+    with lock_folder(out, name=".mwm.lock-shard-0-of-2", what="bench run"):
+        t = threading.Thread(target=shard0_saves)
+        t.start()
+        saving.wait()
+        run_bench(cfg, log=lambda s: None, only_tables=True, shard=(1, 2))  # waited, then found its own config
+        t.join()

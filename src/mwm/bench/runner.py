@@ -537,7 +537,7 @@ def _check_shards(cfg: BenchConfig, shard: tuple[int, int]) -> None:
 
     out = cfg.out_dir
     for p, info in live_locks(out, shard_lock_name(shard)):
-        if p.name.endswith("-rois"):
+        if p.name.endswith(("-rois", "-config")):  # the shards' shared step locks, not a bench run
             continue
         sharded_peer = "-shard-" in p.name
         if (shard[1] > 1) != sharded_peer:
@@ -573,8 +573,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
     out = cfg.out_dir
     i, n = shard
     with lock_folder(out, name=shard_lock_name(shard), what="bench run"):
-        _check_shards(cfg, shard)
-        save_config(cfg, out / "config.yaml")
+        # one shard at a time compares its config with the saved one and saves it: shards started together would
+        # otherwise find their peer's lock before its config.yaml and refuse a config that is theirs
+        with lock_folder(out, name=".mwm.lock-config", what="bench config check", wait_s=120):
+            _check_shards(cfg, shard)
+            save_config(cfg, out / "config.yaml")
         store, sha = PartStore(out, log), _Hashes()
         archive = Archive(cfg.archive) if cfg.archive is not None else None
         # shards build the shared ROI manifests one at a time (the second finds them done)
