@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from mwm.bench import BenchConfig, run_bench
 from mwm.config import ConfigError
 from mwm.bench.runner import budget_epochs, check_bench, pretrain_config, pretrain_count
-from mwm.bench.tables import choose_baseline
+from mwm.bench.tables import choose_baseline, choose_best
 
 from .test_parts import _raw
 
@@ -121,6 +121,34 @@ def test_a_task_on_the_chosen_baseline_and_some_seeds(phantoms_npz, tmp_path, sp
     with pytest.raises(ValidationError, match="a task runs on 'baseline' but the bench has no baseline"):
         BenchConfig.model_validate({**raw, "baseline_from": None, "baseline_seeds": [], "arms": [
             {"name": "mwm", "masking": {"strategy": "roi", "ratio_in": 1.0, "ratio_out": 0.25}}]})
+
+
+def test_choose_a_setting_on_val_then_give_it_seeds_and_tasks(phantoms_npz, tmp_path, spy):
+    """A `choose:` entry (e.g. a method's lr) works like baseline_from: the best candidate on val over its own
+    seeds gets the extra seeds, and a task naming the choice runs on the chosen arm only."""
+    raw = _raw(phantoms_npz, tmp_path / "b")
+    raw["seeds"] = [0, 1]
+    raw["arms"] = [{"name": f"a-{lr}", "masking": {"strategy": "random", "ratio": 0.5}, "options": {"lr": lr},
+                    "seeds": [0]} for lr in (1e-3, 1e-2)] + [{"name": "scratch", "pretrain": False}]
+    raw["tasks"] = [raw["tasks"][0], {"kind": "linear", "name": "costly", "arms": ["a"], "seeds": [1],
+                                      "options": {"epochs": 2}}]
+    raw["choose"] = [{"name": "a", "among": ["a-0.001", "a-0.01"], "seeds": [1]}]
+    cfg = BenchConfig.model_validate(raw)
+    log: list[str] = []
+    rows = run_bench(cfg, log=log.append)
+    best = choose_best(cfg, ["a-0.001", "a-0.01"], rows)
+    assert {(r["arm"], r["seed"], r["task"]) for r in rows} == {
+        ("a-0.001", 0, "linear"), ("a-0.01", 0, "linear"), ("scratch", 0, "linear"), ("scratch", 1, "linear"),
+        (best, 1, "linear"), (best, 1, "costly")}
+    assert [a for kind, a in spy if kind == "pretrain"][-1] == best and spy.count(("costly", best)) == 1
+    assert any(m.startswith(f"a {best} (best of ['a-0.001', 'a-0.01'] on val): seeds [1] added") for m in log)
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "(+ seeds [1] for the chosen a)" in md and f"a: `{best}`, the best of ['a-0.001', 'a-0.01'] on val" in md
+    for choose, match in [([{"name": "scratch", "among": ["a-0.001", "a-0.01"]}], "differ from the arms'"),
+                          ([{"name": "b", "among": ["a-0.001", "nope"]}], r"among names arms that do not exist: \['nope'\]"),
+                          ([{"name": "b", "among": ["a-0.001"]}], "at least 2 items")]:
+        with pytest.raises(ValidationError, match=match):
+            BenchConfig.model_validate({**raw, "choose": choose})
 
 
 def _uncommented(text: str) -> str:

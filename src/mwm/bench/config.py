@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 from ..rois.perturb import PerturbConfig
 
-__all__ = ["BenchConfig", "ArmConfig", "RoiSourceConfig", "TaskConfig", "TASK_KINDS", "run_dir", "method_masks"]
+__all__ = ["BenchConfig", "ArmConfig", "ChoiceConfig", "RoiSourceConfig", "TaskConfig", "TASK_KINDS", "run_dir", "method_masks"]
 
 TASK_KINDS = ("linear", "full", "segment", "detect")
 
@@ -221,6 +221,27 @@ class ArmConfig(BaseModel):
 BASELINE_ALIAS = "baseline"
 
 
+class ChoiceConfig(BaseModel):
+    """A setting chosen on val: of the arms ``among`` (e.g. one method at three learning rates), the one with the
+    best mean *validation* score (the first task's first metric, over each candidate's own seeds) is chosen once
+    every candidate has finished them; it then also runs ``seeds``. In a task's ``arms``, ``name`` stands for the
+    chosen arm. ``baseline_from`` / ``baseline_seeds`` are the choice named ``baseline``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="the choice's name: a task's arms may use it for the chosen arm")
+    among: list[str] = Field(min_length=2, description="the candidate arms")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, description="more seeds for the chosen "
+                                                     "arm, e.g. the main arms' seeds it lacks")
+
+    @field_validator("among", "seeds")
+    @classmethod
+    def _unique(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"entries must be unique: {v}")
+        return v
+
+
 class TaskConfig(BaseModel):
     """A transfer task: ``linear`` / ``full`` (``mwm finetune``), ``segment``, ``detect``; ``options`` are fields
     of that command's config (e.g. ``{epochs: 10, lr: 1e-3}``)."""
@@ -232,15 +253,17 @@ class TaskConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     arms: list[str] | None = Field(default=None, description="run this task on these arms only (default: all), "
                                    "e.g. an expensive detection task on the main arms of a sweep; 'baseline' "
-                                   "names the arm baseline_from chooses (known once its candidates are done)")
+                                   "(or a choose: entry's name) stands for the arm chosen on val, once its "
+                                   "candidates are done")
     seeds: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, description="run this task on these "
                                                             "seeds only (default: every seed of its arms), e.g. "
                                                             "3 seeds of an expensive full fine-tuning")
 
-    def runs_on(self, arm: str, seed: int | None = None, baseline: str | None = None) -> bool:
-        """Whether this task runs on ``arm`` × ``seed`` (any seed when None); ``baseline`` is the chosen baseline
-        arm (None while it is not known: then an arm listed only as 'baseline' does not run the task)."""
-        listed = self.arms is None or arm in self.arms or (BASELINE_ALIAS in self.arms and arm == baseline)
+    def runs_on(self, arm: str, seed: int | None = None, chosen: dict[str, str] | None = None) -> bool:
+        """Whether this task runs on ``arm`` × ``seed`` (any seed when None); ``chosen`` maps each choice made so
+        far ('baseline', a choose: name) to its arm (an arm listed only through a choice not yet made does not
+        run the task)."""
+        listed = self.arms is None or arm in self.arms or any(chosen.get(a) == arm for a in self.arms if chosen)
         return listed and (seed is None or self.seeds is None or seed in self.seeds)
 
     @property
@@ -279,6 +302,9 @@ class BenchConfig(BaseModel):
                                                            "baseline_from arm has finished its own seeds (the choice "
                                                            "uses those seeds only), e.g. [3, 4]: the best random "
                                                            "ratio gets the main arms' five seeds")
+    choose: list[ChoiceConfig] = Field(default_factory=list, description="settings chosen on val like the "
+                                       "baseline, e.g. a contrastive method's learning rate: {name: simclr, "
+                                       "among: [simclr-lr1e-3, simclr-lr4e-3], seeds: [1, 2, 3, 4]}")
     tasks: list[TaskConfig] = Field(default_factory=lambda: [TaskConfig(kind="linear")], min_length=1)
     device: str = Field(default="auto", description="auto, cpu, cuda")
 
@@ -337,13 +363,15 @@ class BenchConfig(BaseModel):
             bad = [a for a in self.baseline_from if a not in names]
             if bad:
                 raise ValueError(f"baseline_from names arms that do not exist: {bad}; arms are {names}")
+        self._check_choices(names)
+        aliases = [BASELINE_ALIAS, *(c.name for c in self.choose)]
         if BASELINE_ALIAS in names and any(BASELINE_ALIAS in (t.arms or []) for t in self.tasks):
             raise ValueError(f"an arm is named '{BASELINE_ALIAS}', which a task's arms use for the chosen baseline; "
                              "rename the arm")
-        unknown = sorted({a for t in self.tasks for a in (t.arms or []) if a not in [*names, BASELINE_ALIAS]})
+        unknown = sorted({a for t in self.tasks for a in (t.arms or []) if a not in [*names, *aliases]})
         if unknown:
-            raise ValueError(f"tasks name arms that do not exist: {unknown}; arms are {names} (and "
-                             f"'{BASELINE_ALIAS}', the chosen baseline)")
+            raise ValueError(f"tasks name arms that do not exist: {unknown}; arms are {names} (and {aliases}, the "
+                             "arms chosen on val)")
         if any(BASELINE_ALIAS in (t.arms or []) for t in self.tasks) and not (self.baseline_from or
                                                                                self.baseline_arm):
             raise ValueError(f"a task runs on '{BASELINE_ALIAS}' but the bench has no baseline: give baseline or "
@@ -351,7 +379,8 @@ class BenchConfig(BaseModel):
         if self.tasks[0].arms is not None or self.tasks[0].seeds is not None:
             raise ValueError(f"the first task ('{self.tasks[0].label}') runs on every arm and seed: the baseline "
                              "is chosen and every arm is compared on it; restrict a later task instead")
-        stray = sorted({s for t in self.tasks for s in (t.seeds or []) if s not in [*self.all_seeds, *self.baseline_seeds]})
+        runs = [*self.all_seeds, *(s for c in self.choices for s in c.seeds)]
+        stray = sorted({s for t in self.tasks for s in (t.seeds or []) if s not in runs})
         if stray:
             raise ValueError(f"tasks name seeds no arm runs: {stray}; the bench's seeds are {self.all_seeds}")
         labels = [t.label for t in self.tasks]
@@ -420,6 +449,23 @@ class BenchConfig(BaseModel):
 
     def rois_for(self, arm: ArmConfig) -> RoiSourceConfig:
         return arm.rois or self.rois
+
+    def _check_choices(self, names: list[str]) -> None:
+        own = [c.name for c in self.choose]
+        clash = sorted({n for n in own if own.count(n) > 1 or n in names or n == BASELINE_ALIAS})
+        if clash:
+            raise ValueError(f"choose: names must be unique and differ from the arms' and '{BASELINE_ALIAS}': "
+                             f"{clash}")
+        bad = sorted({a for c in self.choose for a in c.among if a not in names})
+        if bad:
+            raise ValueError(f"choose: among names arms that do not exist: {bad}; arms are {names}")
+
+    @property
+    def choices(self) -> list[ChoiceConfig]:
+        """Every choice made on val: the baseline's (``baseline_from``, named 'baseline'), then ``choose``."""
+        base = [ChoiceConfig.model_construct(name=BASELINE_ALIAS, among=list(self.baseline_from),
+                                             seeds=list(self.baseline_seeds))] if self.baseline_from else []
+        return [*base, *self.choose]
 
     @property
     def baseline_arm(self) -> str | None:

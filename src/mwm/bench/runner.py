@@ -43,7 +43,7 @@ from ..config import ConfigError, save_config
 from ..errors import MWMError
 from ..io import file_sha256
 from .archive import Archive
-from .config import ArmConfig, BenchConfig, RoiSourceConfig, TaskConfig, run_dir
+from .config import BASELINE_ALIAS, ArmConfig, BenchConfig, ChoiceConfig, RoiSourceConfig, TaskConfig, run_dir
 from .parts import (Part, PartStore, identity_hash, pretrain_identity, rois_identity, saliency_identity, same_settings,
                     task_identity)
 
@@ -180,10 +180,9 @@ def check_bench(cfg: BenchConfig) -> None:
                 # the bench's shared `pretrain:` block is named once, not once per arm
                 lines += [m if m.startswith("pretrain.") else f"arm '{arm.name}': {m}"
                           for m in _errors(e, lambda loc: _pretrain_key(cfg, arm, loc))]
-    candidates = cfg.baseline_from or [cfg.baseline_arm]
     for task in cfg.tasks:
         for arm in cfg.arms:
-            if not task.runs_on(arm.name, baseline=arm.name if arm.name in candidates else None):
+            if not task.runs_on(arm.name, chosen=_any_choice(cfg, arm.name)):
                 continue
             try:
                 task_config(cfg, task, seed, _weights(cfg, arm, seed), run_dir(cfg, arm.name, seed) / task.label,
@@ -398,7 +397,7 @@ def _mask_ratios(pretrain_dir: Path) -> dict:
 
 
 def _archived_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, sha: _Hashes, archive: Archive,
-                   quality: dict | None, baseline: str | None) -> list[dict] | None:
+                   quality: dict | None, chosen: dict[str, str]) -> list[dict] | None:
     """Every row of one arm × seed from the archive, or None when any of its parts is not archived under the
     identity asked for now (then it runs, or is read from OUT, as usual)."""
     from .tables import result_row
@@ -415,7 +414,7 @@ def _archived_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | Non
         summary, ratios, encoder_sha = rec["summary"], rec["mask_ratios"], rec["encoder_sha256"]
     rows = []
     for task in cfg.tasks:
-        if not task.runs_on(arm.name, seed, baseline):
+        if not task.runs_on(arm.name, seed, chosen):
             continue
         part = _task_part(cfg, task, arm.name, _weights(cfg, arm, seed), encoder_sha, seed,
                           run_dir(cfg, arm.name, seed) / task.label, cfg.arch_of(arm))
@@ -429,14 +428,15 @@ def _archived_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | Non
 
 def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, store: PartStore, sha: _Hashes,
               log: Callable, build: bool, quiet: bool = False, quality: dict | None = None,
-              archive: Archive | None = None, baseline: str | None = None) -> list[dict]:
+              archive: Archive | None = None, chosen: dict[str, str] | None = None) -> list[dict]:
     """Pretrain one arm × seed (if it pretrains), run its tasks; one result row per finished task. With an
-    ``archive``: an arm × seed archived whole is read from it; finished parts are archived. ``baseline``: the
-    chosen baseline arm, for tasks that run on it (None while unknown)."""
+    ``archive``: an arm × seed archived whole is read from it; finished parts are archived. ``chosen``: the
+    choices made so far (:func:`chosen_arms`), for tasks that run on a chosen arm."""
+    chosen = chosen or {}
     from .tables import result_row
 
     if archive is not None:
-        rows = _archived_rows(cfg, arm, seed, rois, sha, archive, quality, baseline)
+        rows = _archived_rows(cfg, arm, seed, rois, sha, archive, quality, chosen)
         if rows is not None:
             return rows
     base = run_dir(cfg, arm.name, seed)
@@ -458,7 +458,7 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
                         {"summary": summary, "mask_ratios": ratios, "encoder_sha256": encoder_sha})
     rows = []
     for task in cfg.tasks:
-        if not task.runs_on(arm.name, seed, baseline):
+        if not task.runs_on(arm.name, seed, chosen):
             continue
         t0 = time.perf_counter()
         part = _task_part(cfg, task, arm.name, weights, encoder_sha, seed, base / task.label, cfg.arch_of(arm))
@@ -473,41 +473,51 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
     return rows
 
 
-def chosen_baseline(cfg: BenchConfig, rows: list[dict]) -> str | None:
-    """The baseline arm once it is known: the fixed one, or the ``baseline_from`` arm with the best validation score
-    once every candidate has a first-task row for each of its own seeds (None before: the choice is never made on
-    part of the seeds)."""
-    from .tables import choose_baseline
+def _any_choice(cfg: BenchConfig, arm: str) -> dict[str, str]:
+    """Every choice ``arm`` could be (to validate the tasks it may run)."""
+    fixed = {} if cfg.baseline_from else {BASELINE_ALIAS: cfg.baseline_arm}
+    return {**fixed, **{c.name: arm for c in cfg.choices if arm in c.among}}
 
-    if not cfg.baseline_from:
-        return cfg.baseline_arm
+
+def choice_made(cfg: BenchConfig, choice: ChoiceConfig, rows: list[dict]) -> str | None:
+    """The arm ``choice`` picks (best mean validation score, :func:`~mwm.bench.tables.choose_best`) once every
+    candidate has a first-task row for each of its own seeds; None before (a choice is never made on part of the
+    seeds)."""
+    from .tables import choose_best
+
     arms = {a.name: a for a in cfg.arms}
     label = cfg.tasks[0].label
-    for name in cfg.baseline_from:
+    for name in choice.among:
         done = {r["seed"] for r in rows if r["arm"] == name and r["task"] == label}
         if not set(cfg.seeds_of(arms[name])) <= done:
             return None
-    return choose_baseline(cfg, rows)
+    return choose_best(cfg, choice.among, rows)
+
+
+def chosen_arms(cfg: BenchConfig, rows: list[dict]) -> dict[str, str]:
+    """Choice name → arm for every choice made (the fixed baseline counts as made)."""
+    made = {} if cfg.baseline_from or cfg.baseline_arm is None else {BASELINE_ALIAS: cfg.baseline_arm}
+    for c in cfg.choices:
+        arm = choice_made(cfg, c, rows)
+        if arm is not None:
+            made[c.name] = arm
+    return made
+
+
+def choice_runs(cfg: BenchConfig, choice: ChoiceConfig, arm_name: str) -> list[tuple[int, ArmConfig]]:
+    """``(seed, arm)`` to run once ``choice`` picked ``arm_name``: its own seeds when a task runs on the choice
+    (those tasks could not run before it was made), then the choice's extra seeds."""
+    arm = next(a for a in cfg.arms if a.name == arm_name)
+    own = cfg.seeds_of(arm) if any(choice.name in (t.arms or []) for t in cfg.tasks) else []
+    return [(s, arm) for s in own] + [(s, arm) for s in choice.seeds if s not in cfg.seeds_of(arm)]
 
 
 def baseline_runs(cfg: BenchConfig, rows: list[dict]) -> list[tuple[int, ArmConfig]]:
-    """``(seed, arm)`` of ``cfg.baseline_seeds`` for the arm ``baseline_from`` chooses, once it is known
-    (:func:`chosen_baseline`; else none)."""
-    base = chosen_baseline(cfg, rows) if cfg.baseline_seeds else None
-    if base is None:
-        return []
-    arm = next(a for a in cfg.arms if a.name == base)
-    return [(s, arm) for s in cfg.baseline_seeds if s not in cfg.seeds_of(arm)]
-
-
-def _baseline_tasks(cfg: BenchConfig, base: str) -> list[tuple[int, ArmConfig]]:
-    """``(seed, arm)`` of the chosen baseline's own seeds when a task runs on 'baseline' (those tasks could not run
-    before the choice), then its ``baseline_seeds``."""
-    from .config import BASELINE_ALIAS
-
-    arm = next(a for a in cfg.arms if a.name == base)
-    own = cfg.seeds_of(arm) if any(BASELINE_ALIAS in (t.arms or []) for t in cfg.tasks) else []
-    return [(s, arm) for s in own] + [(s, arm) for s in cfg.baseline_seeds if s not in cfg.seeds_of(arm)]
+    """The extra seeds of every choice made so far (the baseline's ``baseline_seeds``, each ``choose:`` entry's
+    ``seeds``)."""
+    made = chosen_arms(cfg, rows)
+    return [(s, arm) for c in cfg.choices if c.name in made for s, arm in choice_runs(cfg, c, made[c.name])
+            if s not in cfg.seeds_of(arm)]
 
 
 def run_order(cfg: BenchConfig) -> list[tuple[int, ArmConfig]]:
@@ -588,7 +598,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
             for k, (seed, arm) in enumerate(order):
                 if k % n == i:
                     _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=True, archive=archive,
-                              baseline=chosen)
+                              chosen=chosen)
 
         def tabulate(order: list[tuple[int, ArmConfig]], quiet: bool = False) -> list[dict]:
             # after building: other shards finish parts while this one runs, and the last shard to finish must
@@ -596,31 +606,31 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
             return [r for k, (seed, arm) in enumerate(order)
                     for r in _arm_rows(cfg, arm, seed, rois[arm.name], store, sha, log, build=False,
                                        quiet=quiet or k % n != i, quality=quality.get(rois[arm.name]),
-                                       archive=archive, baseline=chosen)]
+                                       archive=archive, chosen=chosen)]
 
         order = run_order(cfg)
-        candidates = [x for x in order if x[1].name in (cfg.baseline_from or [])]
-        chosen: str | None = None  # read by build / tabulate
-        chosen = chosen_baseline(cfg, tabulate(candidates, True))
+        candidates = [x for x in order if any(x[1].name in c.among for c in cfg.choices)]
+        chosen: dict[str, str] = {}  # read by build / tabulate
+        chosen = chosen_arms(cfg, tabulate(candidates, True))
         wanted = {a.phase for a in cfg.arms} if phases is None else set(phases)
-        pending = True  # the chosen baseline's extra seeds and 'baseline' tasks, built once, as soon as it is known
+        pending = [c for c in cfg.choices]  # each choice's runs are built once, as soon as it is made
         for phase in ([] if only_tables else [*sorted({a.phase for a in cfg.arms}), None]):
             if phase is not None and phase in wanted:
                 build([x for x in order if x[1].phase == phase])
-            chosen = chosen or chosen_baseline(cfg, tabulate(candidates, True))
-            if chosen is not None and pending:
-                pending = False
-                extra = [x for x in _baseline_tasks(cfg, chosen) if x[1].phase in wanted]
+            if pending:
+                chosen = chosen_arms(cfg, tabulate(candidates, True))
+            for c in [c for c in pending if c.name in chosen]:
+                pending.remove(c)
+                extra = [x for x in choice_runs(cfg, c, chosen[c.name]) if x[1].phase in wanted]
                 added = [s for s, arm in extra if s not in cfg.seeds_of(arm)]
                 if added:
-                    log(f"baseline {chosen} (best of {cfg.baseline_from} on val): seeds {added} added")
+                    log(f"{c.name} {chosen[c.name]} (best of {c.among} on val): seeds {added} added")
                 build(extra)
         rows = tabulate(order)
-        extra = baseline_runs(cfg, rows)
-        if cfg.baseline_seeds and not extra and not only_tables:
-            log(f"baseline_seeds {cfg.baseline_seeds} wait until every baseline_from arm has its seeds; run the "
-                "bench again then")
-        rows += tabulate(extra)
+        waiting = [c.name for c in cfg.choices if c.seeds and c.name not in chosen]
+        if waiting and not only_tables:
+            log(f"the extra seeds of {waiting} wait until every candidate has its seeds; run the bench again then")
+        rows += tabulate(baseline_runs(cfg, rows))
         write_tables(cfg, rows)
         if archive is not None:
             archive.copy_tables(out)

@@ -17,7 +17,8 @@ import numpy as np
 from ..io import atomic_write_text
 from .config import ArmConfig, BenchConfig, TaskConfig
 
-__all__ = ["MAIN_METRICS", "result_row", "summarize", "write_tables", "paired_difference", "choose_baseline"]
+__all__ = ["MAIN_METRICS", "result_row", "summarize", "write_tables", "paired_difference", "choose_baseline",
+           "choose_best"]
 
 # What each task kind reports in results.md (results.csv has every scalar metric).
 MAIN_METRICS: dict[str, list[str]] = {
@@ -75,23 +76,29 @@ def _fmt(mean: float, sd: float | None, pct: bool) -> str:
     return f"{mean * s:.1f} ± {sd * s:.1f}" if sd is not None else f"{mean * s:.1f}"
 
 
-def choose_baseline(cfg: BenchConfig, rows: list[dict]) -> str | None:
-    """The baseline arm: ``cfg.baseline`` (or the first random arm), or with ``baseline_from`` the listed arm with
-    the best mean validation score of the first task's first metric (``val_<metric>``; never the test score) over
-    each arm's own seeds (the ``baseline_seeds`` the winner gets afterwards do not count)."""
-    if not cfg.baseline_from:
-        return cfg.baseline_arm
+def choose_best(cfg: BenchConfig, among: list[str], rows: list[dict]) -> str | None:
+    """The arm of ``among`` with the best mean validation score of the first task's first metric
+    (``val_<metric>``; never the test score) over each arm's own seeds (seeds a choice gives the winner afterwards
+    do not count); None without any."""
     task = cfg.tasks[0]
     key = f"val_{MAIN_METRICS[task.kind][0]}"
     arms = {a.name: a for a in cfg.arms}
     scores = {}
-    for name in cfg.baseline_from:
+    for name in among:
         own = set(cfg.seeds_of(arms[name]))
         vals = [r[key] for r in rows if r["arm"] == name and r["task"] == task.label and r.get(key) is not None
                 and r["seed"] in own]
         if vals:
             scores[name] = float(np.mean(vals))
     return max(scores, key=scores.get) if scores else None
+
+
+def choose_baseline(cfg: BenchConfig, rows: list[dict]) -> str | None:
+    """The baseline arm: ``cfg.baseline`` (or the first random arm), or with ``baseline_from`` the listed arm with
+    the best validation score (:func:`choose_best`)."""
+    if not cfg.baseline_from:
+        return cfg.baseline_arm
+    return choose_best(cfg, cfg.baseline_from, rows)
 
 
 def summarize(cfg: BenchConfig, rows: list[dict]) -> list[dict]:
@@ -135,12 +142,15 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
              f"Data `{cfg.data}`, {cfg.arch} at {cfg.size} px, seeds {cfg.seeds}"
              + "".join(f" ({a.name}: {a.seeds})" for a in cfg.arms if a.seeds is not None)
              + (f" (+ seeds {cfg.baseline_seeds} for the chosen baseline)" if cfg.baseline_seeds else "")
+             + "".join(f" (+ seeds {c.seeds} for the chosen {c.name})" for c in cfg.choose if c.seeds)
              + f", ROIs: {describe_rois(cfg.rois)}"
              + (f" (arms with their own: {'; '.join(own)})" if own else "")
              + f". Metrics ×100, mean ± std over seeds; Δ = paired difference to `{base}` with its 95 % "
                "t-interval (same seeds)"
              + (f"; `{base}` is the best of {cfg.baseline_from} by mean validation "
                 f"{MAIN_METRICS[cfg.tasks[0].kind][0]} ({cfg.tasks[0].label})" if cfg.baseline_from else "")
+             + "".join(f"; {c.name}: `{choose_best(cfg, c.among, rows)}`, the best of {c.among} on val"
+                       for c in cfg.choose)
              + ".", ""]
     for task in cfg.tasks:
         metrics = MAIN_METRICS[task.kind]
