@@ -432,9 +432,9 @@ def _arm_rows(cfg: BenchConfig, arm: ArmConfig, seed: int, rois: Path | None, st
     """Pretrain one arm × seed (if it pretrains), run its tasks; one result row per finished task. With an
     ``archive``: an arm × seed archived whole is read from it; finished parts are archived. ``chosen``: the
     choices made so far (:func:`chosen_arms`), for tasks that run on a chosen arm."""
-    chosen = chosen or {}
     from .tables import result_row
 
+    chosen = chosen or {}
     if archive is not None:
         rows = _archived_rows(cfg, arm, seed, rois, sha, archive, quality, chosen)
         if rows is not None:
@@ -512,7 +512,7 @@ def choice_runs(cfg: BenchConfig, choice: ChoiceConfig, arm_name: str) -> list[t
     return [(s, arm) for s in own] + [(s, arm) for s in choice.seeds if s not in cfg.seeds_of(arm)]
 
 
-def baseline_runs(cfg: BenchConfig, rows: list[dict]) -> list[tuple[int, ArmConfig]]:
+def extra_seed_runs(cfg: BenchConfig, rows: list[dict]) -> list[tuple[int, ArmConfig]]:
     """The extra seeds of every choice made so far (the baseline's ``baseline_seeds``, each ``choose:`` entry's
     ``seeds``)."""
     made = chosen_arms(cfg, rows)
@@ -613,7 +613,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
         chosen: dict[str, str] = {}  # read by build / tabulate
         chosen = chosen_arms(cfg, tabulate(candidates, True))
         wanted = {a.phase for a in cfg.arms} if phases is None else set(phases)
-        pending = [c for c in cfg.choices]  # each choice's runs are built once, as soon as it is made
+        pending = list(cfg.choices)  # each choice's runs are built once, as soon as it is made
         for phase in ([] if only_tables else [*sorted({a.phase for a in cfg.arms}), None]):
             if phase is not None and phase in wanted:
                 build([x for x in order if x[1].phase == phase])
@@ -630,7 +630,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
         waiting = [c.name for c in cfg.choices if c.seeds and c.name not in chosen]
         if waiting and not only_tables:
             log(f"the extra seeds of {waiting} wait until every candidate has its seeds; run the bench again then")
-        rows += tabulate(baseline_runs(cfg, rows))
+        rows += tabulate(extra_seed_runs(cfg, rows))
         write_tables(cfg, rows)
         if archive is not None:
             archive.copy_tables(out)
