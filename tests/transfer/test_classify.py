@@ -206,6 +206,36 @@ def test_full_early_stopping(phantoms_npz, encoder, tmp_path, monkeypatch):
     assert m["best_epoch"] == 1 and m["epochs_run"] == 2
 
 
+def test_full_resumes_after_a_kill_as_if_uninterrupted(full, phantoms_npz, encoder, tmp_path, monkeypatch):
+    """Kill a full fine-tuning after epoch 1's checkpoint; the rerun continues from it and ends with the
+    uninterrupted run's weights and metrics, to the bit; the checkpoint is gone after it; other settings refuse."""
+    cfg, m = full
+    killed = cfg.model_copy(update={"out": tmp_path / "k"})
+    real = classify._write_history
+
+    def die_after_first(path, rows):  # called right after each epoch's checkpoint
+        real(path, rows)
+        if len(rows) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(classify, "_write_history", die_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(killed)
+    assert (tmp_path / "k" / "checkpoint.pt").is_file() and len(history(tmp_path / "k")) == 1
+    monkeypatch.setattr(classify, "_write_history", real)
+    with pytest.raises(MWMError, match=r"other settings \(lr\); use another --out"):
+        finetune(killed.model_copy(update={"lr": 1e-3}))
+    epochs_seen = []
+    resumed = finetune(killed, progress=lambda kind, done, *a: epochs_seen.append(done) if kind == "epoch" else None)
+    assert epochs_seen == [2]  # epoch 1 came from the checkpoint
+    assert not (tmp_path / "k" / "checkpoint.pt").exists() and not (cfg.out / "checkpoint.pt").exists()
+    drop = {"seconds", "model"}
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in m.items() if k not in drop}
+    assert history(tmp_path / "k") == history(cfg.out)
+    a, b = torch.load(cfg.out / "model.pth"), torch.load(tmp_path / "k" / "model.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_weights_of_another_arch_is_a_clear_error(phantoms_npz, encoder, tmp_path):
     with pytest.raises(MWMError, match="resnet18.*--arch is 'resnet34'"):
         finetune(cfg_for(phantoms_npz, tmp_path / "a", encoder, arch="resnet34"))

@@ -447,6 +447,7 @@ def finetune(cfg: FinetuneConfig, progress=None) -> dict:
            if cfg.mode == "linear" and cfg.probe == "sweep" else {}),
     }
     TaskMetrics.model_validate(metrics).save(out / "metrics.json")
+    (out / "checkpoint.pt").unlink(missing_ok=True)  # full fine-tuning's resume state, no longer needed
     emit("end", result["epochs_run"], cfg.epochs, metrics)
     return metrics
 
@@ -607,6 +608,50 @@ def _predict(model, split: _Split, fabric, mean, std, batch_size: int) -> torch.
     return torch.cat(out)
 
 
+_RESUME_IGNORED = ("out", "device")  # settings a resumed fine-tuning may change: they cannot change its results
+
+
+def _resume_key(cfg: FinetuneConfig) -> dict:
+    return cfg.model_dump(mode="json", exclude=set(_RESUME_IGNORED))
+
+
+def _save_full_state(path: Path, cfg: FinetuneConfig, epoch: int, raw, opt, sched, gens, keep: BestOnVal,
+                     history: list[dict], fabric) -> None:
+    """Everything a killed full fine-tuning needs to continue after ``epoch`` exactly as if uninterrupted (written
+    atomically; removed when the run finishes)."""
+    from ..io import atomic_path
+
+    state = {"config": _resume_key(cfg), "epoch": epoch, "model": raw.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "gens": [g.get_state() for g in gens], "history": history,
+             "keep": {"best": keep.best, "best_epoch": keep.best_epoch, "bad": keep.bad, "state": keep.state},
+             "precision": fabric.strategy.precision.state_dict()}
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def _load_full_state(path: Path, cfg: FinetuneConfig, raw, opt, sched, gens, keep: BestOnVal, fabric
+                     ) -> tuple[int, list[dict]]:
+    """Restore a checkpoint of this configuration: (epochs done, history); (0, []) when there is none. A
+    checkpoint of other settings is an error naming them (delete it, or the folder, to start over)."""
+    if not path.is_file():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    now = _resume_key(cfg)
+    diff = sorted(k for k in now.keys() | state["config"].keys() if now.get(k) != state["config"].get(k))
+    if diff:
+        raise MWMError(f"{path} is a fine-tuning run with other settings ({', '.join(diff)}); use another --out, "
+                       f"or delete {path} to start this one over")
+    raw.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    for g, st in zip(gens, state["gens"]):
+        g.set_state(st)
+    keep.best, keep.best_epoch, keep.bad, keep.state = (state["keep"][k] for k in ("best", "best_epoch", "bad",
+                                                                                  "state"))
+    fabric.strategy.precision.load_state_dict(state.get("precision") or {})
+    return state["epoch"], state["history"]
+
+
 def _full(cfg: FinetuneConfig, raw, data: dict[str, _Split], k: int, fabric, mean, std, emit) -> dict:
     from timm.optim import create_optimizer_v2
 
@@ -630,9 +675,13 @@ def _full(cfg: FinetuneConfig, raw, data: dict[str, _Split], k: int, fabric, mea
     emit("start", 0, cfg.epochs, {"mode": "full", "n_train": n, "n_val": len(y_val), "n_test": len(data["test"].y),
                                   "epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch})
     keep = BestOnVal(cfg.patience)
-    history = []
-    epoch = 0
-    for epoch in range(1, cfg.epochs + 1):
+    ckpt = Path(cfg.out) / "checkpoint.pt"  # one per epoch: a killed run continues where it stopped
+    done, history = _load_full_state(ckpt, cfg, raw, opt, sched, (gen, aug_gen), keep, fabric)
+    epoch = done
+    for epoch in range(done + 1, cfg.epochs + 1):
+        if keep.should_stop:  # resumed after the epoch that stopped it
+            epoch -= 1
+            break
         model.train()
         perm = torch.randperm(n, generator=gen)
         run_loss = torch.zeros((), device=device)
@@ -659,6 +708,8 @@ def _full(cfg: FinetuneConfig, raw, data: dict[str, _Split], k: int, fabric, mea
                "val_macro_f1": vm["macro_f1"], "lr": lr_used}
         history.append(row)
         keep.update(_score(vm, cfg.monitor), epoch, raw)
+        _save_full_state(ckpt, cfg, epoch, raw, opt, sched, (gen, aug_gen), keep, history, fabric)
+        _write_history(Path(cfg.out) / "history.csv", history)  # progress to look at while it runs
         emit("epoch", epoch, cfg.epochs, {**row, "best_epoch": keep.best_epoch})
         if keep.should_stop:
             break
