@@ -228,7 +228,7 @@ def test_sweep_plot_has_a_line_per_method_and_strategy(monkeypatch, tmp_path):
 def test_a_meijering_target_arm_pretrains_on_its_maps(tmp_path):
     """``model: {target: meijering}`` (M&M reading (b)) needs a manifest of maps; the arm then gets it even with
     random masking, and its identity includes the maps by content."""
-    with pytest.raises(ValidationError, match=r"reconstruct Meijering maps .*mwm importance meijering"):
+    with pytest.raises(ValidationError, match=r"reconstruct Meijering maps .*\{source: meijering\}"):
         BenchConfig.model_validate(_bench([{"name": "mm", "model": {"target": "meijering"}}]))
     manifest = tmp_path / "maps" / "rois.jsonl"
     cfg = BenchConfig.model_validate(_bench(

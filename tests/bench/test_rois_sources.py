@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
-from mwm.bench import BenchConfig
+from mwm.bench import BenchConfig, run_bench
 from mwm.bench.config import RoiSourceConfig
 from mwm.bench.parts import PartStore, identity_hash, rois_identity
-from mwm.bench.runner import _arm_rois
+from mwm.bench.runner import _arm_rois, pretrain_count
 from mwm.rois.manifest import read_manifest
+
+from .test_parts import _raw as _bench_raw
 
 MWM = {"strategy": "roi", "ratio_in": 1.0, "ratio_out": 0.25}
 
@@ -106,3 +109,34 @@ def test_manifest_made_before_these_options_is_kept_at_their_defaults(phantoms_n
     record.write_text(json.dumps(rec))
     _arm_rois(BenchConfig.model_validate(raw), PartStore(out, logs.append))
     assert (out / "stale").exists() and any("perturb" in line for line in logs)
+
+
+def test_meijering_source_builds_the_maps_once_for_both_mm_readings(phantoms_npz, tmp_path, spy):
+    """rois: {source: meijering} (M&M): the bench makes the ridge maps of the pretraining images at its size, once
+    for every arm with the same filter (reading (a): saliency_topk masking; reading (b): the ridge target); a rerun
+    builds nothing; other sigmas are another folder and retrain only the arms that use them."""
+    raw = _bench_raw(phantoms_npz, tmp_path / "b")
+    raw["tasks"] = raw["tasks"][:1]
+    mm = {"source": "meijering"}
+    raw["arms"] = [{"name": "mm-topk", "masking": {"strategy": "saliency_topk", "ratio": 0.5}, "rois": mm},
+                   {"name": "mm-target", "model": {"target": "meijering"},
+                    "masking": {"strategy": "random", "ratio": 0.5}, "rois": mm},
+                   {"name": "random", "masking": {"strategy": "random", "ratio": 0.5}}]
+    log: list[str] = []
+    rows = run_bench(BenchConfig.model_validate(raw), log=log.append)
+    assert {r["arm"] for r in rows} == {"mm-topk", "mm-target", "random"}
+    folders = [p.parent for p in (tmp_path / "b" / "rois").glob("*/rois.jsonl")]
+    assert len(folders) == 1 and sum(m.startswith("Meijering maps") for m in log) == 1
+    meta = json.loads((folders[0] / "meta.json").read_text())
+    recs = [json.loads(line) for line in (folders[0] / "rois.jsonl").read_text().splitlines()]
+    assert meta["settings"]["size"] == 64 and meta["settings"]["sigmas"] == [1.0, 2.0, 3.0]
+    assert len(recs) == pretrain_count(phantoms_npz, {}) and all(r["status"] == "ok" for r in recs)
+    spy.clear()
+    run_bench(BenchConfig.model_validate(raw), log=log.append)
+    assert spy == []
+    raw["arms"][0]["rois"] = {"source": "meijering", "sigmas": [1.0, 2.0]}
+    run_bench(BenchConfig.model_validate(raw), log=log.append)
+    assert ("pretrain", "mm-topk") in spy and ("pretrain", "mm-target") not in spy
+    assert len(list((tmp_path / "b" / "rois").glob("*/rois.jsonl"))) == 2
+    with pytest.raises(ValidationError, match="sigmas / black_ridges set the Meijering filter"):
+        BenchConfig.model_validate({**raw, "rois": {"source": "gt-boxes", "sigmas": [2.0]}})

@@ -45,17 +45,23 @@ __all__ = ["BenchConfig", "ArmConfig", "ChoiceConfig", "RoiSourceConfig", "TaskC
 TASK_KINDS = ("linear", "full", "segment", "detect")
 
 
+# ROI sources whose manifest carries per-image maps (saliency strategies, map targets), not only boxes.
+MAP_SOURCES = ("manifest", "meijering")
+
+
 class RoiSourceConfig(BaseModel):
     """Where guided arms get their ROIs: ``gt-boxes`` (expanded boxes around the ground-truth masks — an oracle
     upper bound; with ``perturb`` degraded to a target occlusion precision/recall or moved to random places),
     ``foreground`` (classical lung-field / body / brain boxes, ``kind``; no masks or prompts needed),
     ``reconstruction-error`` (where the pretraining run ``run`` reconstructs worst; no masks or prompts),
-    ``generic-prompt`` (``mwm localize`` with the VLM ``vlm`` and a target-agnostic ``prompt``), ``manifest`` (a
-    ``rois.jsonl`` from ``mwm localize`` at ``path``) or ``none``."""
+    ``generic-prompt`` (``mwm localize`` with the VLM ``vlm`` and a target-agnostic ``prompt``), ``meijering`` (M&M
+    ridge maps, ``mwm importance meijering`` at the bench's size: importance maps for the saliency strategies and
+    the ridge target), ``manifest`` (a ``rois.jsonl`` from ``mwm localize`` at ``path``) or ``none``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["none", "gt-boxes", "foreground", "reconstruction-error", "generic-prompt", "manifest"] = "none"
+    source: Literal["none", "gt-boxes", "foreground", "reconstruction-error", "generic-prompt", "meijering",
+                    "manifest"] = "none"
     path: Path | None = None
     expand: float = Field(default=0.1, ge=0, description="gt-boxes / foreground / reconstruction-error: margin as a "
                           "fraction of the box size")
@@ -82,8 +88,13 @@ class RoiSourceConfig(BaseModel):
     vlm: str | None = Field(default=None, description="generic-prompt: the VLM (a `mwm vlm` folder or hub name)")
     prompt: str = Field(default="an abnormality", min_length=1, description="generic-prompt: the target-agnostic "
                         "prompt")
-    split: str | None = Field(default=None, description="generic-prompt / reconstruction-error: only this split "
-                              "(e.g. train, what pretraining reads); default every image")
+    split: str | None = Field(default=None, description="generic-prompt / reconstruction-error / meijering: only "
+                              "this split (e.g. train, what pretraining reads); default every image (meijering: "
+                              "pretraining's default split)")
+    # meijering
+    sigmas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0], min_length=1, description="meijering: "
+                                "the filter's scales in pixels of the bench's size")
+    black_ridges: bool = Field(default=False, description="meijering: dark ridges (default bright ones)")
     options: dict[str, Any] = Field(default_factory=dict, description="generic-prompt: more `mwm localize` "
                                     "settings (LocalizeConfig keys, e.g. {m2ib: {layer: 4}, binarize: threshold})")
 
@@ -104,6 +115,8 @@ class RoiSourceConfig(BaseModel):
             raise ValueError("rois.perturb degrades ground-truth boxes and needs rois.source 'gt-boxes'")
         if self.perturb is not None and self.perturb.has_targets and self.box_mode != "union":
             raise ValueError("rois.perturb with precision/recall makes one box per image; use box_mode 'union'")
+        if self.source != "meijering" and (self.sigmas != [1.0, 2.0, 3.0] or self.black_ridges):
+            raise ValueError("rois.sigmas / black_ridges set the Meijering filter and need rois.source 'meijering'")
         if self.options and self.source != "generic-prompt":
             raise ValueError("rois.options are `mwm localize` settings and need rois.source 'generic-prompt'")
         if self.source == "generic-prompt":
@@ -331,16 +344,19 @@ class BenchConfig(BaseModel):
                   and (a.rois or self.rois).source == "none"]
         if guided:
             raise ValueError(f"arms {guided} need ROIs: set rois.source (of the bench or the arm) to gt-boxes, "
-                             "foreground, reconstruction-error, generic-prompt or manifest")
+                             "foreground, reconstruction-error, generic-prompt, meijering or manifest")
         mapless = [a.name for a in self.arms if a.pretrain and "saliency" in strategy_requires(a.strategy)
-                   and (a.rois or self.rois).source != "manifest"]
+                   and (a.rois or self.rois).source not in MAP_SOURCES]
         if mapless:
-            raise ValueError(f"arms {mapless} mask by saliency maps: give them rois: {{source: manifest, path: "
-                             "LOC/rois.jsonl}} from `mwm localize --save-saliency` (boxes carry no maps)")
-        targetless = [a.name for a in self.arms if (a.rois or self.rois).source != "manifest" and self.map_target(a)]
+            raise ValueError(f"arms {mapless} mask by saliency maps: give them rois: {{source: meijering}}, or "
+                             "{source: manifest, path: LOC/rois.jsonl} from `mwm localize --save-saliency` / `mwm "
+                             "importance` (boxes carry no maps)")
+        targetless = [a.name for a in self.arms if (a.rois or self.rois).source not in MAP_SOURCES
+                      and self.map_target(a)]
         if targetless:
             raise ValueError(f"arms {targetless} reconstruct Meijering maps (model.target): give them rois: "
-                             "{source: manifest, path: MAPS/rois.jsonl} from `mwm importance meijering`")
+                             "{source: meijering}, or {source: manifest, path: MAPS/rois.jsonl} from `mwm "
+                             "importance meijering`")
         from ..train.methods import method_spec
 
         for m in dict.fromkeys(self.method_of(a) for a in self.arms if a.pretrain):  # a model.method of the blocks

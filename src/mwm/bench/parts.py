@@ -112,11 +112,11 @@ def vlm_identity(vlm: str) -> dict | str:
     return vlm
 
 
-def rois_identity(data: Path, source: Any) -> dict:
+def rois_identity(data: Path, source: Any, size: int | None = None) -> dict:
     """An ROI manifest's identity: the data, expansion and box mode, the fallback manifest by content; ``perturb``
     and its ``seed`` (gt-boxes), ``kind`` (foreground); the run's weights by content hash and the scoring options
-    (reconstruction-error); the VLM by content, the prompt and the localize options (generic-prompt); ``split``
-    when set. Settings that cannot change the manifest (the seed without perturb, the kind of gt-boxes) are left
+    (reconstruction-error); the VLM by content, the prompt and the localize options (generic-prompt); the filter's
+    scales, the map ``size`` and scikit-image's version (meijering); ``split`` when set. Settings that cannot change the manifest (the seed without perturb, the kind of gt-boxes) are left
     out, so changing them rebuilds nothing."""
     src = source.source
     fb = source.fallback
@@ -128,6 +128,11 @@ def rois_identity(data: Path, source: Any) -> dict:
         opts = lc.model_dump(mode="json", exclude={"data", "vlm", "prompt", "split", *(RUN_ONLY_FIELDS - {"limit"})})
         return {"part": "rois", "source": src, "data": str(data), "vlm": vlm_identity(source.vlm),
                 "prompt": source.prompt, "split": source.split, "options": opts}
+    if src == "meijering":
+        import skimage
+
+        return {"part": "rois", "source": src, "data": str(data), "size": size, "sigmas": list(source.sigmas),
+                "black_ridges": source.black_ridges, "split": source.split, "skimage": skimage.__version__}
     ident = {"part": "rois", "source": src, "data": str(data), "expand": source.expand,
              "box_mode": source.box_mode, "fallback": None if fb is None else {"sha256": file_sha256(fb)}}
     perturb = getattr(source, "perturb", None)

@@ -80,9 +80,9 @@ def roi_sources(cfg: BenchConfig) -> dict[str, tuple[RoiSourceConfig, Path] | No
         elif src.source == "reconstruction-error" and not (Path(src.run) / "checkpoints" / "last.pt").is_file():
             raise MWMError(f"rois.run {src.run}: no checkpoints/last.pt; reconstruction-error needs a finished "
                            "`mwm pretrain` run folder (a few epochs of random masking on the same data)")
-        elif src.source == "generic-prompt":
-            # one localize folder per identity (VLM content, prompt, options): resumable, never overwritten
-            h = identity_hash(rois_identity(cfg.data, src))[:12]
+        elif src.source in ("generic-prompt", "meijering"):
+            # one folder per identity (VLM content, prompt, options; filter scales): never overwritten
+            h = identity_hash(rois_identity(cfg.data, src, cfg.size))[:12]
             out[arm.name] = (src, cfg.out_dir / "rois" / h / "rois.jsonl")
         else:
             out[arm.name] = (src, cfg.out_dir / ("rois.jsonl" if arm.rois is None else f"rois-{arm.name}.jsonl"))
@@ -212,6 +212,8 @@ def _prepare_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: Par
         return path
     if src.source == "generic-prompt":
         return _prepare_prompt_rois(cfg, src, path, store, build)
+    if src.source == "meijering":
+        return _prepare_meijering(cfg, src, path, store, build)
     from ..localize.gt_rois import write_gt_rois
 
     if src.fallback is not None and not Path(src.fallback).is_file():
@@ -256,7 +258,7 @@ def _prepare_prompt_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, sto
 
     folder = path.parent
     part = Part(f"ROI manifest {folder.name} (generic prompt {src.prompt!r})", folder, folder / "summary.json",
-                rois_identity(cfg.data, src), config=src)
+                rois_identity(cfg.data, src, cfg.size), config=src)
     state = store.check(part, retire=build)
     if state == "done":
         return path
@@ -269,6 +271,31 @@ def _prepare_prompt_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, sto
     store.log(f"localize with {src.prompt!r} ({src.vlm}) into {folder}")
     summary = localize(lc, log=store.log)
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1, default=str))
+    return path
+
+
+def _prepare_meijering(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: PartStore,
+                       build: bool) -> Path | None:
+    """meijering: M&M ridge maps of the pretraining images at the bench's size (``mwm importance meijering``) in
+    ``path``'s folder. Deterministic and about a minute for 2,000 images, so tables-only makes them too (they
+    identify the arms' parts)."""
+    from ..importance.meijering import write_meijering_manifest
+    from ..io import atomic_write_text
+
+    folder = path.parent
+    part = Part(f"Meijering maps {folder.name}", folder, folder / "summary.json",
+                rois_identity(cfg.data, src, cfg.size), config=src)
+    state = store.check(part, retire=build)
+    if state == "done":
+        return path
+    if not build and state != "missing":
+        return None
+    store.write_record(part)
+    store.log(f"Meijering maps (sigmas {src.sigmas}) into {folder}")
+    res = write_meijering_manifest(cfg.data, folder, sigmas=src.sigmas, black_ridges=src.black_ridges,
+                                   split=src.split, size=cfg.size, resize=cfg.pretrain.get("resize", "pad"),
+                                   read=cfg.pretrain.get("read"), overwrite=True)
+    atomic_write_text(folder / "summary.json", json.dumps(res, indent=1, default=str))
     return path
 
 

@@ -130,6 +130,8 @@ def describe_rois(rois) -> str:
     """A RoiSourceConfig in words, e.g. "gt-boxes (expand 0.1) + fallback loc/rois.jsonl"."""
     if rois.source == "manifest":
         return f"manifest {rois.path}"
+    if rois.source == "meijering":
+        return f"Meijering maps (sigmas {rois.sigmas})"
     if rois.source == "gt-boxes":
         return f"gt-boxes (expand {rois.expand})" + (f" + fallback {rois.fallback}" if rois.fallback else "")
     return rois.source
