@@ -163,3 +163,28 @@ def test_shipped_bench_files_load_with_every_phase(path, monkeypatch):
         cfg = BenchConfig.model_validate(yaml.safe_load(text))
         if Path(cfg.data).exists():  # ../shared/data is absent on a user's machine; the template names a placeholder
             check_bench(cfg)  # every arm's pretraining config and every task's config
+
+
+def test_every_evidence_bench_runs_the_same_protocol(monkeypatch, phantoms_npz):
+    """The three datasets' evidence benches and the template for a user's data share every protocol setting (only
+    data, ROIs, the pretraining subset and warm-up may differ), so a result on held-out data comes from the same
+    protocol; the template validates on a user's npz (here the repository's phantoms) given with --set."""
+    from mwm.config import resolve
+
+    monkeypatch.chdir(REPO)
+    names = ["br35h_evidence", "kermany_evidence", "chest_ct_evidence", "evidence_template"]
+    cfgs = {n: BenchConfig.model_validate(yaml.safe_load((REPO / "configs" / "bench" / f"{n}.yaml").read_text()))
+            for n in names}
+
+    def protocol(c: BenchConfig) -> dict:
+        main = [a.model_dump(mode="json", exclude={"rois"}) for a in c.arms if a.phase == 0]
+        pre = {k: v for k, v in c.pretrain.items() if k not in ("limit", "warmup_epochs", "min_roi_share")}
+        return {"arch": c.arch, "size": c.size, "seeds": c.seeds, "pretrain_images": c.pretrain_images,
+                "pretrain": pre, "main_arms": main, "baseline_from": c.baseline_from,
+                "baseline_seeds": c.baseline_seeds, "tasks": [t.model_dump(mode="json") for t in c.tasks[:2]]}
+
+    ref = protocol(cfgs["br35h_evidence"])
+    for n in names[1:]:
+        assert protocol(cfgs[n]) == ref, n
+    user = resolve(BenchConfig, REPO / "configs" / "bench" / "evidence_template.yaml", [f"data={phantoms_npz}"], {})
+    check_bench(user)  # every arm's and task's config on the user's data
