@@ -76,12 +76,16 @@ def test_phases_build_only_the_arms_asked_for(phantoms_npz, tmp_path, spy):
     raw["tasks"] = raw["tasks"][:1]
     raw.update(baseline_from=["r50", "r75"], baseline_seeds=[1])
     cfg = BenchConfig.model_validate(raw)
-    rows = run_bench(cfg, log=lambda m: None, phases=[1])
+    log: list[str] = []
+    rows = run_bench(cfg, log=log.append, phases=[1])
     assert spy == [("pretrain", "late"), ("linear", "late")]
+    assert log[-1] == ("1 of 3 results done; 2 arm x seed(s) to run, next r50 seed 0, r75 seed 0; choices "
+                       "waiting for their candidates: ['baseline']")
     assert {(r["arm"], r["seed"]) for r in rows} == {("late", 0)}
     spy.clear()
-    rows = run_bench(cfg, log=lambda m: None, phases=[0])  # the main arms and the baseline's extra seed
+    rows = run_bench(cfg, log=log.append, phases=[0])  # the main arms and the baseline's extra seed
     base = choose_baseline(cfg, rows)
+    assert log[-1] == "4 of 4 results done"
     assert sorted(a for kind, a in spy if kind == "pretrain") == sorted(["r50", "r75", base])
     assert {(r["arm"], r["seed"]) for r in rows} == {("r50", 0), ("r75", 0), (base, 1), ("late", 0)}
     with pytest.raises(ConfigError, match=r"--phases 2: no arm of bench 'p' has that phase; its arms' phases are \[0, 1\]"):

@@ -555,6 +555,24 @@ def run_order(cfg: BenchConfig) -> list[tuple[int, ArmConfig]]:
             if arm.phase == p and seed in cfg.seeds_of(arm)]
 
 
+def progress_note(cfg: BenchConfig, rows: list[dict], chosen: dict[str, str]) -> str:
+    """One line on what the bench still lacks: results done of those expected now (every arm × seed × task of
+    the run order, plus the extra seeds of the choices made), the arm × seeds with a result missing (the next
+    ones in run order), and the choices still waiting for their candidates."""
+    have = {(r["arm"], r["seed"], r["task"]) for r in rows}
+    runs = run_order(cfg) + [x for c in cfg.choices if c.name in chosen for x in choice_runs(cfg, c, chosen[c.name])]
+    want = {(a.name, s, t.label) for s, a in runs for t in cfg.tasks if t.runs_on(a.name, s, chosen)}
+    missing = {(a, s) for a, s, _ in want - have}
+    todo = list(dict.fromkeys((a.name, s) for s, a in runs if (a.name, s) in missing))
+    waiting = [c.name for c in cfg.choices if c.name not in chosen]
+    note = f"{len(want & have)} of {len(want)} results done"
+    if todo:  # in run order: the next ones first
+        note += f"; {len(todo)} arm x seed(s) to run, next " + ", ".join(f"{a} seed {s}" for a, s in todo[:3])
+    if waiting:
+        note += f"; choices waiting for their candidates: {waiting}"
+    return note
+
+
 def _check_phases(cfg: BenchConfig, phases: Collection[int] | None) -> None:
     """``--phases`` must name phases that some arm has."""
     have = sorted({a.phase for a in cfg.arms})
@@ -658,6 +676,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
         if waiting and not only_tables:
             log(f"the extra seeds of {waiting} wait until every candidate has its seeds; run the bench again then")
         rows += tabulate(extra_seed_runs(cfg, rows))
+        log(progress_note(cfg, rows, chosen_arms(cfg, rows)))
         write_tables(cfg, rows)
         if archive is not None:
             archive.copy_tables(out)
