@@ -44,13 +44,19 @@ def test_pretrain_images_sets_every_arms_epochs(phantoms_npz, tmp_path):
         BenchConfig.model_validate(raw)
 
 
-def test_the_winning_ratio_gets_the_baseline_seeds(phantoms_npz, tmp_path, spy):
-    raw = _raw(phantoms_npz, tmp_path / "b")
+def _phased(phantoms_npz, out) -> dict:
+    """Two random ratios in phase 0 (the baseline is the best on val, then runs seed 1 too), one arm in phase 1."""
+    raw = _raw(phantoms_npz, out)
     raw["arms"] = [{"name": "late", "phase": 1, "masking": {"strategy": "random", "ratio": 0.6}},
                    {"name": "r50", "masking": {"strategy": "random", "ratio": 0.5}},
                    {"name": "r75", "masking": {"strategy": "random", "ratio": 0.75}}]
     raw["tasks"] = raw["tasks"][:1]
     raw.update(baseline_from=["r50", "r75"], baseline_seeds=[1])
+    return raw
+
+
+def test_the_winning_ratio_gets_the_baseline_seeds(phantoms_npz, tmp_path, spy):
+    raw = _phased(phantoms_npz, tmp_path / "b")
     cfg = BenchConfig.model_validate(raw)
     log: list[str] = []
     rows = run_bench(cfg, log=log.append)
@@ -69,12 +75,7 @@ def test_the_winning_ratio_gets_the_baseline_seeds(phantoms_npz, tmp_path, spy):
 
 
 def test_phases_build_only_the_arms_asked_for(phantoms_npz, tmp_path, spy):
-    raw = _raw(phantoms_npz, tmp_path / "b")
-    raw["arms"] = [{"name": "late", "phase": 1, "masking": {"strategy": "random", "ratio": 0.6}},
-                   {"name": "r50", "masking": {"strategy": "random", "ratio": 0.5}},
-                   {"name": "r75", "masking": {"strategy": "random", "ratio": 0.75}}]
-    raw["tasks"] = raw["tasks"][:1]
-    raw.update(baseline_from=["r50", "r75"], baseline_seeds=[1])
+    raw = _phased(phantoms_npz, tmp_path / "b")
     cfg = BenchConfig.model_validate(raw)
     log: list[str] = []
     rows = run_bench(cfg, log=log.append, phases=[1])

@@ -248,55 +248,56 @@ def _device(spec: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _prepare_prompt_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: PartStore,
-                         build: bool) -> Path | None:
-    """generic-prompt: ``mwm localize`` with ``src.vlm`` and ``src.prompt`` into ``path``'s folder (named by the
-    identity hash, so another VLM, prompt or option gets its own folder). A killed run resumes (localize skips the
-    images already in its manifest); ``summary.json`` marks it finished."""
+def _folder_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: PartStore, build: bool, label: str,
+                 make: Callable[[Path], dict], in_tables: bool = False) -> Path | None:
+    """An ROI source made into ``path``'s folder (named by the identity hash, so other settings get their own
+    folder) by ``make(folder)``, whose returned dict becomes ``summary.json``, the part's finish marker.
+    ``in_tables``: tables-only makes it too when missing (cheap, deterministic sources that identify parts)."""
     from ..io import atomic_write_text
-    from ..localize.pipeline import localize
 
     folder = path.parent
-    part = Part(f"ROI manifest {folder.name} (generic prompt {src.prompt!r})", folder, folder / "summary.json",
-                rois_identity(cfg.data, src, cfg.size), config=src)
+    part = Part(label, folder, folder / "summary.json", rois_identity(cfg.data, src, cfg.size), config=src)
     state = store.check(part, retire=build)
     if state == "done":
         return path
-    if not build:
+    if not build and not (in_tables and state == "missing"):
         return None
     store.write_record(part)
-    lc = src.localize_config(cfg.data, folder)
-    if cfg.device != "auto" and "device" not in src.options:
-        lc = lc.model_copy(update={"device": cfg.device})
-    store.log(f"localize with {src.prompt!r} ({src.vlm}) into {folder}")
-    summary = localize(lc, log=store.log)
-    atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1, default=str))
+    atomic_write_text(folder / "summary.json", json.dumps(make(folder), indent=1, default=str))
     return path
+
+
+def _prepare_prompt_rois(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: PartStore,
+                         build: bool) -> Path | None:
+    """generic-prompt: ``mwm localize`` with ``src.vlm`` and ``src.prompt``. A killed run resumes (localize skips
+    the images already in its manifest)."""
+    from ..localize.pipeline import localize
+
+    def make(folder: Path) -> dict:
+        lc = src.localize_config(cfg.data, folder)
+        if cfg.device != "auto" and "device" not in src.options:
+            lc = lc.model_copy(update={"device": cfg.device})
+        store.log(f"localize with {src.prompt!r} ({src.vlm}) into {folder}")
+        return localize(lc, log=store.log)
+
+    return _folder_rois(cfg, src, path, store, build, f"ROI manifest {path.parent.name} (generic prompt "
+                        f"{src.prompt!r})", make)
 
 
 def _prepare_meijering(cfg: BenchConfig, src: RoiSourceConfig, path: Path, store: PartStore,
                        build: bool) -> Path | None:
-    """meijering: M&M ridge maps of the pretraining images at the bench's size (``mwm importance meijering``) in
-    ``path``'s folder. Deterministic and about a minute for 2,000 images, so tables-only makes them too (they
-    identify the arms' parts)."""
+    """meijering: M&M ridge maps of the pretraining images at the bench's size (``mwm importance meijering``).
+    Deterministic and about a minute for 2,000 images, so tables-only makes them too (they identify the arms'
+    parts)."""
     from ..importance.meijering import write_meijering_manifest
-    from ..io import atomic_write_text
 
-    folder = path.parent
-    part = Part(f"Meijering maps {folder.name}", folder, folder / "summary.json",
-                rois_identity(cfg.data, src, cfg.size), config=src)
-    state = store.check(part, retire=build)
-    if state == "done":
-        return path
-    if not build and state != "missing":
-        return None
-    store.write_record(part)
-    store.log(f"Meijering maps (sigmas {src.sigmas}) into {folder}")
-    res = write_meijering_manifest(cfg.data, folder, sigmas=src.sigmas, black_ridges=src.black_ridges,
-                                   split=src.split, size=cfg.size, resize=cfg.pretrain.get("resize", "pad"),
-                                   read=cfg.pretrain.get("read"), overwrite=True)
-    atomic_write_text(folder / "summary.json", json.dumps(res, indent=1, default=str))
-    return path
+    def make(folder: Path) -> dict:
+        store.log(f"Meijering maps (sigmas {src.sigmas}) into {folder}")
+        return write_meijering_manifest(cfg.data, folder, sigmas=src.sigmas, black_ridges=src.black_ridges,
+                                        split=src.split, size=cfg.size, resize=cfg.pretrain.get("resize", "pad"),
+                                        read=cfg.pretrain.get("read"), overwrite=True)
+
+    return _folder_rois(cfg, src, path, store, build, f"Meijering maps {path.parent.name}", make, in_tables=True)
 
 
 def _arm_rois(cfg: BenchConfig, store: PartStore | None = None, build: bool = True) -> dict[str, Path | None]:
