@@ -38,9 +38,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from ..importance.meijering import DEFAULT_SIGMAS
 from ..rois.perturb import PerturbConfig
 
-__all__ = ["BenchConfig", "ArmConfig", "ChoiceConfig", "RoiSourceConfig", "TaskConfig", "TASK_KINDS", "run_dir", "method_masks"]
+__all__ = ["BenchConfig", "ArmConfig", "ChoiceConfig", "RoiSourceConfig", "TaskConfig", "TASK_KINDS", "run_dir",
+           "method_masks"]
 
 TASK_KINDS = ("linear", "full", "segment", "detect")
 
@@ -92,7 +94,7 @@ class RoiSourceConfig(BaseModel):
                               "this split (e.g. train, what pretraining reads); default every image (meijering: "
                               "pretraining's default split)")
     # meijering
-    sigmas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0], min_length=1, description="meijering: "
+    sigmas: list[float] = Field(default_factory=lambda: list(DEFAULT_SIGMAS), min_length=1, description="meijering: "
                                 "the filter's scales in pixels of the bench's size")
     black_ridges: bool = Field(default=False, description="meijering: dark ridges (default bright ones)")
     options: dict[str, Any] = Field(default_factory=dict, description="generic-prompt: more `mwm localize` "
@@ -115,7 +117,7 @@ class RoiSourceConfig(BaseModel):
             raise ValueError("rois.perturb degrades ground-truth boxes and needs rois.source 'gt-boxes'")
         if self.perturb is not None and self.perturb.has_targets and self.box_mode != "union":
             raise ValueError("rois.perturb with precision/recall makes one box per image; use box_mode 'union'")
-        if self.source != "meijering" and (self.sigmas != [1.0, 2.0, 3.0] or self.black_ridges):
+        if self.source != "meijering" and (self.sigmas != list(DEFAULT_SIGMAS) or self.black_ridges):
             raise ValueError("rois.sigmas / black_ridges set the Meijering filter and need rois.source 'meijering'")
         if self.options and self.source != "generic-prompt":
             raise ValueError("rois.options are `mwm localize` settings and need rois.source 'generic-prompt'")
