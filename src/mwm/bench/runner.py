@@ -615,10 +615,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, only_tables:
     ``only_tables``: run nothing, move nothing; tabulate the parts that are done under the current config.
     ``shard`` ``(i, n)``: run every n-th (seed, arm) of :func:`run_order` starting at i, so n processes (one
     core or GPU each) share one bench folder; each writes the tables of every part done so far, so the last
-    one to finish leaves the complete tables. ``phases``: build only the arms of these phases (the baseline's
-    extra seeds count as its own phase), e.g. ``{0}`` to give every dataset's main arms their seeds before any
-    secondary arm; the tables still show every finished part. Raises :class:`ConfigError` (before creating anything) when an
-    arm's or task's config is invalid, and :class:`MWMError` when another bench holds ``OUT``.
+    one to finish leaves the complete tables. ``phases``: build only the arms of these phases (a choice's extra
+    seeds count in its arm's phase), e.g. ``{0}`` to give every dataset's main arms their seeds before any
+    secondary arm; the tables still show every finished part. Raises :class:`ConfigError` (before creating
+    anything) when an arm's or task's config is invalid, and :class:`MWMError` when another bench holds ``OUT``.
     """
     from ..io import lock_folder, shard_lock_name
     from .plots import bench_plots
