@@ -89,7 +89,8 @@ def test_phases_build_only_the_arms_asked_for(phantoms_npz, tmp_path, spy):
     assert log[-1] == "4 of 4 results done"
     assert sorted(a for kind, a in spy if kind == "pretrain") == sorted(["r50", "r75", base])
     assert {(r["arm"], r["seed"]) for r in rows} == {("r50", 0), ("r75", 0), (base, 1), ("late", 0)}
-    with pytest.raises(ConfigError, match=r"--phases 2: no arm of bench 'p' has that phase; its arms' phases are \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"--phases 2: no arm of bench 'p' has that phase; its arms' phases "
+                                          r"are \[0, 1\]"):
         run_bench(cfg, phases=[0, 2])
 
 
@@ -150,7 +151,8 @@ def test_choose_a_setting_on_val_then_give_it_seeds_and_tasks(phantoms_npz, tmp_
     md = (tmp_path / "b" / "results.md").read_text()
     assert "(+ seeds [1] for the chosen a)" in md and f"a: `{best}`, the best of ['a-0.001', 'a-0.01'] on val" in md
     for choose, match in [([{"name": "scratch", "among": ["a-0.001", "a-0.01"]}], "differ from the arms'"),
-                          ([{"name": "b", "among": ["a-0.001", "nope"]}], r"among names arms that do not exist: \['nope'\]"),
+                          ([{"name": "b", "among": ["a-0.001", "nope"]}],
+                           r"among names arms that do not exist: \['nope'\]"),
                           ([{"name": "b", "among": ["a-0.001"]}], "at least 2 items")]:
         with pytest.raises(ValidationError, match=match):
             BenchConfig.model_validate({**raw, "choose": choose})

@@ -116,8 +116,9 @@ def rois_identity(data: Path, source: Any, size: int | None = None) -> dict:
     """An ROI manifest's identity: the data, expansion and box mode, the fallback manifest by content; ``perturb``
     and its ``seed`` (gt-boxes), ``kind`` (foreground); the run's weights by content hash and the scoring options
     (reconstruction-error); the VLM by content, the prompt and the localize options (generic-prompt); the filter's
-    scales, the map ``size`` and scikit-image's version (meijering); ``split`` when set. Settings that cannot change the manifest (the seed without perturb, the kind of gt-boxes) are left
-    out, so changing them rebuilds nothing."""
+    scales, the map ``size`` and scikit-image's version (meijering); ``split`` when set. Settings that cannot
+    change the manifest (the seed without perturb, the kind of gt-boxes) are left out, so changing them rebuilds
+    nothing."""
     src = source.source
     fb = source.fallback
     if src == "generic-prompt":
