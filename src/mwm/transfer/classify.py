@@ -678,10 +678,8 @@ def _full(cfg: FinetuneConfig, raw, data: dict[str, _Split], k: int, fabric, mea
     ckpt = Path(cfg.out) / "checkpoint.pt"  # one per epoch: a killed run continues where it stopped
     done, history = _load_full_state(ckpt, cfg, raw, opt, sched, (gen, aug_gen), keep, fabric)
     epoch = done
-    for epoch in range(done + 1, cfg.epochs + 1):
-        if keep.should_stop:  # resumed after the epoch that stopped it
-            epoch -= 1
-            break
+    last = done if keep.should_stop else cfg.epochs  # resumed after the epoch that stopped it: nothing left to run
+    for epoch in range(done + 1, last + 1):
         model.train()
         perm = torch.randperm(n, generator=gen)
         run_loss = torch.zeros((), device=device)
