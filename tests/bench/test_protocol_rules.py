@@ -149,7 +149,7 @@ def test_choose_a_setting_on_val_then_give_it_seeds_and_tasks(phantoms_npz, tmp_
     assert [a for kind, a in spy if kind == "pretrain"][-1] == best and spy.count(("costly", best)) == 1
     assert any(m.startswith(f"a {best} (best of ['a-0.001', 'a-0.01'] on val): seeds [1] added") for m in log)
     md = (tmp_path / "b" / "results.md").read_text()
-    assert "(+ seeds [1] for the chosen a)" in md and f"a: `{best}`, the best of ['a-0.001', 'a-0.01'] on val" in md
+    assert "(+ seeds [1] for the chosen a)" in md and f"a: `{best}`, the best of ['a-0.001', 'a-0.01'] by mean" in md
     for choose, match in [([{"name": "scratch", "among": ["a-0.001", "a-0.01"]}], "differ from the arms'"),
                           ([{"name": "b", "among": ["a-0.001", "nope"]}],
                            r"among names arms that do not exist: \['nope'\]"),

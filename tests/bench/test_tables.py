@@ -158,8 +158,12 @@ def test_baseline_chosen_on_validation_not_test(tmp_path):
     summary = {(r["arm"], r["metric"]): r for r in summarize(cfg, rows)}
     assert summary[("mwm", "accuracy")]["diff"] == pytest.approx(0.08)
     write_tables(cfg, rows)
-    assert "`random-0.6` is the best of ['random-0.4', 'random-0.6'] by mean validation accuracy" in \
+    assert "baseline: `random-0.6`, the best of ['random-0.4', 'random-0.6'] by mean validation accuracy" in \
         (tmp_path / "results.md").read_text()
+    # before every candidate has its seeds the header says the choice is provisional, and who leads
+    write_tables(cfg, [r for r in rows if not (r["arm"] == "random-0.4" and r["seed"] == 2)])
+    assert ("baseline: not chosen yet (1 of 2 of ['random-0.4', 'random-0.6'] have all their seeds; `random-0.6` "
+            "leads so far by mean validation accuracy") in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="not both"):
         _cfg(tmp_path, arms=arms, baseline="random-0.4", baseline_from=["random-0.6"])
     with pytest.raises(ValueError, match="do not exist"):

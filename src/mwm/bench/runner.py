@@ -507,23 +507,10 @@ def _any_choice(cfg: BenchConfig, arm: str) -> dict[str, str]:
     return {**fixed, **{c.name: arm for c in cfg.choices if arm in c.among}}
 
 
-def choice_made(cfg: BenchConfig, choice: ChoiceConfig, rows: list[dict]) -> str | None:
-    """The arm ``choice`` picks (best mean validation score, :func:`~mwm.bench.tables.choose_best`) once every
-    candidate has a first-task row for each of its own seeds; None before (a choice is never made on part of the
-    seeds)."""
-    from .tables import choose_best
-
-    arms = {a.name: a for a in cfg.arms}
-    label = cfg.tasks[0].label
-    for name in choice.among:
-        done = {r["seed"] for r in rows if r["arm"] == name and r["task"] == label}
-        if not set(cfg.seeds_of(arms[name])) <= done:
-            return None
-    return choose_best(cfg, choice.among, rows)
-
-
 def chosen_arms(cfg: BenchConfig, rows: list[dict]) -> dict[str, str]:
     """Choice name → arm for every choice made (the fixed baseline counts as made)."""
+    from .tables import choice_made
+
     made = {} if cfg.baseline_from or cfg.baseline_arm is None else {BASELINE_ALIAS: cfg.baseline_arm}
     for c in cfg.choices:
         arm = choice_made(cfg, c, rows)

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from ..io import atomic_write_text
-from .config import ArmConfig, BenchConfig, TaskConfig
+from .config import ArmConfig, BenchConfig, ChoiceConfig, TaskConfig
 
 __all__ = ["MAIN_METRICS", "result_row", "summarize", "write_tables", "paired_difference", "choose_baseline",
            "choose_best"]
@@ -93,6 +93,19 @@ def choose_best(cfg: BenchConfig, among: list[str], rows: list[dict]) -> str | N
     return max(scores, key=scores.get) if scores else None
 
 
+def choice_made(cfg: BenchConfig, choice: ChoiceConfig, rows: list[dict]) -> str | None:
+    """The arm ``choice`` picks (best mean validation score, :func:`choose_best`) once every
+    candidate has a first-task row for each of its own seeds; None before (a choice is never made on part of the
+    seeds)."""
+    arms = {a.name: a for a in cfg.arms}
+    label = cfg.tasks[0].label
+    for name in choice.among:
+        done = {r["seed"] for r in rows if r["arm"] == name and r["task"] == label}
+        if not set(cfg.seeds_of(arms[name])) <= done:
+            return None
+    return choose_best(cfg, choice.among, rows)
+
+
 def choose_baseline(cfg: BenchConfig, rows: list[dict]) -> str | None:
     """The baseline arm: ``cfg.baseline`` (or the first random arm), or with ``baseline_from`` the listed arm with
     the best validation score (:func:`choose_best`)."""
@@ -137,6 +150,21 @@ def describe_rois(rois) -> str:
     return rois.source
 
 
+def _choice_note(cfg: BenchConfig, choice: ChoiceConfig, rows: list[dict]) -> str:
+    """The header's clause for one choice made on val: the arm it picked, or, before every candidate has its own
+    seeds, the provisional leader (the baseline's Δ column is measured against it) and what is still missing."""
+    key = f"mean validation {MAIN_METRICS[cfg.tasks[0].kind][0]} ({cfg.tasks[0].label})"
+    made = choice_made(cfg, choice, rows)
+    if made is not None:
+        return f"; {choice.name}: `{made}`, the best of {choice.among} by {key}"
+    arms = {a.name: a for a in cfg.arms}
+    done = sum(set(cfg.seeds_of(arms[n])) <= {r["seed"] for r in rows if r["arm"] == n
+                                               and r["task"] == cfg.tasks[0].label} for n in choice.among)
+    leader = choose_best(cfg, choice.among, rows)
+    return (f"; {choice.name}: not chosen yet ({done} of {len(choice.among)} of {choice.among} have all their "
+            f"seeds" + (f"; `{leader}` leads so far by {key}" if leader else "") + ")")
+
+
 def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
     base = choose_baseline(cfg, rows)
     own = [f"`{a.name}`: {describe_rois(a.rois)}" for a in cfg.arms if a.rois is not None]
@@ -149,10 +177,7 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
              + (f" (arms with their own: {'; '.join(own)})" if own else "")
              + f". Metrics ×100, mean ± std over seeds; Δ = paired difference to `{base}` with its 95 % "
                "t-interval (same seeds)"
-             + (f"; `{base}` is the best of {cfg.baseline_from} by mean validation "
-                f"{MAIN_METRICS[cfg.tasks[0].kind][0]} ({cfg.tasks[0].label})" if cfg.baseline_from else "")
-             + "".join(f"; {c.name}: `{choose_best(cfg, c.among, rows)}`, the best of {c.among} on val"
-                       for c in cfg.choose)
+             + "".join(_choice_note(cfg, c, rows) for c in cfg.choices)
              + ".", ""]
     for task in cfg.tasks:
         metrics = MAIN_METRICS[task.kind]
