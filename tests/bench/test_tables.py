@@ -158,8 +158,11 @@ def test_baseline_chosen_on_validation_not_test(tmp_path):
     summary = {(r["arm"], r["metric"]): r for r in summarize(cfg, rows)}
     assert summary[("mwm", "accuracy")]["diff"] == pytest.approx(0.08)
     write_tables(cfg, rows)
-    assert "baseline: `random-0.6`, the best of ['random-0.4', 'random-0.6'] by mean validation accuracy" in \
-        (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "baseline: `random-0.6`, the best of ['random-0.4', 'random-0.6'] by mean validation accuracy" in md
+    # the answer names the guided arm only (not the other random ratio, not no pretraining)
+    assert ("- **linear** (accuracy − `random-0.6`'s, same seeds): `mwm` +8.0 (95 % CI +8.0 … +8.0), 3 seeds: "
+            "better: the interval excludes 0.") in md
     # before every candidate has its seeds the header says the choice is provisional, and who leads
     write_tables(cfg, [r for r in rows if not (r["arm"] == "random-0.4" and r["seed"] == 2)])
     assert ("baseline: not chosen yet (1 of 2 of ['random-0.4', 'random-0.6'] have all their seeds; `random-0.6` "
@@ -168,3 +171,11 @@ def test_baseline_chosen_on_validation_not_test(tmp_path):
         _cfg(tmp_path, arms=arms, baseline="random-0.4", baseline_from=["random-0.6"])
     with pytest.raises(ValueError, match="do not exist"):
         _cfg(tmp_path, arms=arms, baseline_from=["random-0.9"])
+
+
+def test_verdict_reads_the_interval():
+    """The answer's words follow the interval, not the sign of the mean alone."""
+    from mwm.bench.tables import verdict
+
+    assert verdict(0.02, 0.01).startswith("better") and verdict(-0.02, 0.01).startswith("worse")
+    assert verdict(0.02, 0.03).startswith("no detectable difference") and verdict(0.02, None) == "no interval yet"

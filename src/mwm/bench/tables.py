@@ -135,6 +135,7 @@ def summarize(cfg: BenchConfig, rows: list[dict]) -> list[dict]:
                     if common:
                         rec["diff"], rec["diff_ci"] = paired_difference([sel[s] for s in common],
                                                                         [ref[s] for s in common])
+                        rec["diff_n"] = len(common)
                 out.append(rec)
     return out
 
@@ -165,6 +166,45 @@ def _choice_note(cfg: BenchConfig, choice: ChoiceConfig, rows: list[dict]) -> st
             f"seeds" + (f"; `{leader}` leads so far by {key}" if leader else "") + ")")
 
 
+def is_guided(cfg: BenchConfig, arm: ArmConfig) -> bool:
+    """An arm that pretrains with something other than plain random masking (an ROI, an importance map, a loss
+    predictor, a teacher's attention, or a contrastive objective): the arms the bench's question is about."""
+    return arm.pretrain and not (cfg.strategy_of(arm) == "random" and cfg.method_of(arm) in ("spark", "mae"))
+
+
+def verdict(diff: float, half_width: float | None) -> str:
+    """The plain reading of a paired difference and its 95 % interval half-width (``None``: one seed)."""
+    if half_width is None or not math.isfinite(half_width):
+        return "no interval yet"
+    if diff - half_width > 0:
+        return "better: the interval excludes 0"
+    if diff + half_width < 0:
+        return "worse: the interval excludes 0"
+    return "no detectable difference: the interval includes 0"
+
+
+def _answer_lines(cfg: BenchConfig, summary: list[dict], base: str | None) -> list[str]:
+    """The question answered in words for every task's first metric: each guided arm against the baseline, with
+    the paired difference, its 95 % interval and what the interval says."""
+    if base is None:
+        return []
+    guided = [a.name for a in cfg.arms if is_guided(cfg, a)]
+    lines = []
+    for task in cfg.tasks:
+        metric = MAIN_METRICS[task.kind][0]
+        recs = {r["arm"]: r for r in summary if r["task"] == task.label and r["metric"] == metric and "diff" in r}
+        said = [f"`{name}` {recs[name]['diff'] * 100:+.1f}"
+                + ("" if recs[name]["diff_ci"] is None else
+                   f" (95 % CI {(recs[name]['diff'] - recs[name]['diff_ci']) * 100:+.1f} … "
+                   f"{(recs[name]['diff'] + recs[name]['diff_ci']) * 100:+.1f})")
+                + f", {recs[name]['diff_n']} seed{'s' if recs[name]['diff_n'] != 1 else ''}: "
+                + verdict(recs[name]["diff"], recs[name]["diff_ci"])
+                for name in guided if name in recs]
+        if said:
+            lines.append(f"- **{task.label}** ({metric} − `{base}`'s, same seeds): " + "; ".join(said) + ".")
+    return (["## Answer: guided arms against the baseline", ""] + lines + [""]) if lines else []
+
+
 def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
     base = choose_baseline(cfg, rows)
     own = [f"`{a.name}`: {describe_rois(a.rois)}" for a in cfg.arms if a.rois is not None]
@@ -179,6 +219,7 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
                "t-interval (same seeds)"
              + "".join(_choice_note(cfg, c, rows) for c in cfg.choices)
              + ".", ""]
+    lines += _answer_lines(cfg, summary, base)
     for task in cfg.tasks:
         metrics = MAIN_METRICS[task.kind]
         lines += [f"## {task.label}", "",
