@@ -93,16 +93,20 @@ def choose_best(cfg: BenchConfig, among: list[str], rows: list[dict]) -> str | N
     return max(scores, key=scores.get) if scores else None
 
 
+def candidates_done(cfg: BenchConfig, choice: ChoiceConfig, rows: list[dict]) -> list[str]:
+    """The candidates of ``choice`` that have a first-task row for each of their own seeds."""
+    arms = {a.name: a for a in cfg.arms}
+    label = cfg.tasks[0].label
+    return [name for name in choice.among
+            if set(cfg.seeds_of(arms[name])) <= {r["seed"] for r in rows if r["arm"] == name and r["task"] == label}]
+
+
 def choice_made(cfg: BenchConfig, choice: ChoiceConfig, rows: list[dict]) -> str | None:
     """The arm ``choice`` picks (best mean validation score, :func:`choose_best`) once every
     candidate has a first-task row for each of its own seeds; None before (a choice is never made on part of the
     seeds)."""
-    arms = {a.name: a for a in cfg.arms}
-    label = cfg.tasks[0].label
-    for name in choice.among:
-        done = {r["seed"] for r in rows if r["arm"] == name and r["task"] == label}
-        if not set(cfg.seeds_of(arms[name])) <= done:
-            return None
+    if len(candidates_done(cfg, choice, rows)) < len(choice.among):
+        return None
     return choose_best(cfg, choice.among, rows)
 
 
@@ -158,9 +162,7 @@ def _choice_note(cfg: BenchConfig, choice: ChoiceConfig, rows: list[dict]) -> st
     made = choice_made(cfg, choice, rows)
     if made is not None:
         return f"; {choice.name}: `{made}`, the best of {choice.among} by {key}"
-    arms = {a.name: a for a in cfg.arms}
-    done = sum(set(cfg.seeds_of(arms[n])) <= {r["seed"] for r in rows if r["arm"] == n
-                                               and r["task"] == cfg.tasks[0].label} for n in choice.among)
+    done = len(candidates_done(cfg, choice, rows))
     leader = choose_best(cfg, choice.among, rows)
     return (f"; {choice.name}: not chosen yet ({done} of {len(choice.among)} of {choice.among} have all their "
             f"seeds" + (f"; `{leader}` leads so far by {key}" if leader else "") + ")")
