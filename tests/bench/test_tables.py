@@ -96,8 +96,8 @@ def test_config_errors(tmp_path):
 
 
 def test_sweep_lines_need_two_ratios_and_one_roi_source(tmp_path, monkeypatch):
-    """Random arms at two realised ratios make a line; two ROI arms at one ratio with different ROI sources
-    (gt-boxes vs a localize manifest) do not."""
+    """Random arms at two realised ratios make a line; two ROI arms with different ROI sources (gt-boxes vs a
+    localize manifest) are not joined into one: each is a single point beside the line."""
     import mwm.bench.plots as P
 
     cfg = _cfg(tmp_path, arms=[
@@ -111,7 +111,13 @@ def test_sweep_lines_need_two_ratios_and_one_roi_source(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(P, "ratio_sweep", lambda pts, path, *a: seen.update(pts) or path)
     P.bench_plots(cfg, rows, tmp_path / "plots")
-    assert set(seen) == {"random"} and [p[0] for p in seen["random"]] == [0.25, 0.5]
+    assert [p[0] for p in seen["random"]] == [0.25, 0.5]
+    assert {k: [p[0] for p in v] for k, v in seen.items() if k != "random"} == {
+        "roi": [0.52], "roi, manifest loc.jsonl": [0.55]}
+    # without a family that sweeps the ratio there is no sweep plot
+    seen.clear()
+    P.bench_plots(cfg, [r for r in rows if r["arm"] != "r25"], tmp_path / "plots2")
+    assert seen == {}
 
 
 def test_roi_quality_columns_and_curve(tmp_path):

@@ -16,7 +16,7 @@ __all__ = ["bench_plots"]
 
 def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
     """Per task: bars of the first main metric per arm; a mask-ratio sweep (a line per method × strategy, and the
-    arm's own ROI source) when ≥ 2 of its arms differ in realised ratio; loss curves of every arm's first seed."""
+    arm's own ROI source) when ≥ 2 arms of one of them differ in realised ratio, the others as single points; loss curves of every arm's first seed."""
     out = Path(out)
     paths: list[Path] = []
     summary = summarize(cfg, rows)
@@ -39,8 +39,9 @@ def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
                 pts.setdefault(line, []).append(
                     (float(np.mean([r["realised_mask_ratio"] for r in sel])), float(np.mean(vals)),
                      float(np.std(vals, ddof=1)) if len(vals) > 1 else None))
-        pts = {k: v for k, v in pts.items() if len({round(p[0], 2) for p in v}) >= 2}  # a line needs 2 ratios
-        if pts:
+        # drawn when some family sweeps the ratio (a line needs 2 ratios); a family at one ratio (e.g. MWM 0.4)
+        # is then a point with its std beside the lines, the comparison the paper's Fig. 4 makes
+        if any(len({round(p[0], 2) for p in v}) >= 2 for v in pts.values()):
             paths.append(ratio_sweep(pts, out / f"{task.label}_sweep.png", metric,
                                      f"{cfg.name}: {task.label} vs mask ratio"))
         quality = []

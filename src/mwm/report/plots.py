@@ -88,13 +88,17 @@ def metric_bars(names: list[str], means: list[float], stds: list[float | None], 
 
 def ratio_sweep(points: dict[str, list[tuple[float, float, float | None]]], path: str | Path, metric: str,
                 title: str = "") -> Path:
-    """Metric vs overall mask ratio, one line per strategy: points[strategy] = [(ratio, mean, std), …]."""
+    """Metric vs overall mask ratio, one line per strategy: points[strategy] = [(ratio, mean, std), …]; a
+    strategy at a single ratio is one point with its std as an error bar."""
     plt, fig, ax = _fig()
     for name, pts in points.items():
         pts = sorted(pts)
         r = [p[0] for p in pts]
         m = np.array([p[1] for p in pts]) * 100
         s = np.array([0.0 if p[2] is None else p[2] for p in pts]) * 100
+        if len(pts) == 1:
+            ax.errorbar(r, m, yerr=s, fmt="s", capsize=4, label=name)
+            continue
         ax.plot(r, m, marker="o", label=name)
         ax.fill_between(r, m - s, m + s, alpha=0.15)
     ax.set_xlabel("overall mask ratio (realised)")
