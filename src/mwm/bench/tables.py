@@ -204,7 +204,7 @@ def _answer_lines(cfg: BenchConfig, summary: list[dict], base: str | None) -> li
                 for name in guided if name in recs]
         if said:
             lines.append(f"- **{task.label}** ({metric} − `{base}`'s, same seeds): " + "; ".join(said) + ".")
-    return (["## Answer: guided arms against the baseline", ""] + lines + [""]) if lines else []
+    return (["## Answer: each arm beyond random masking against the baseline", ""] + lines + [""]) if lines else []
 
 
 def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
