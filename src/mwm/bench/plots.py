@@ -16,7 +16,8 @@ __all__ = ["bench_plots"]
 
 def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
     """Per task: bars of the first main metric per arm; a mask-ratio sweep (a line per method × strategy, and the
-    arm's own ROI source) when ≥ 2 arms of one of them differ in realised ratio, the others as single points; loss curves of every arm's first seed."""
+    arm's own ROI source) when ≥ 2 arms of one of them differ in realised ratio, the others as single points; loss
+    curves of every arm's first seed."""
     out = Path(out)
     paths: list[Path] = []
     summary = summarize(cfg, rows)

@@ -185,6 +185,13 @@ def verdict(diff: float, half_width: float | None) -> str:
     return "no detectable difference: the interval includes 0"
 
 
+def _difference_in_words(name: str, rec: dict) -> str:
+    """e.g. "`mwm-0.4` -1.0 (95 % CI -2.9 … +0.9), 5 seeds: no detectable difference: …" for a summary record."""
+    d, hw, n = rec["diff"] * 100, rec["diff_ci"], rec["diff_n"]
+    ci = "" if hw is None else f" (95 % CI {d - hw * 100:+.1f} … {d + hw * 100:+.1f})"
+    return f"`{name}` {d:+.1f}{ci}, {n} seed{'s' if n != 1 else ''}: {verdict(rec['diff'], hw)}"
+
+
 def _answer_lines(cfg: BenchConfig, summary: list[dict], base: str | None) -> list[str]:
     """The question answered in words for every task's first metric: each guided arm against the baseline, with
     the paired difference, its 95 % interval and what the interval says."""
@@ -195,13 +202,7 @@ def _answer_lines(cfg: BenchConfig, summary: list[dict], base: str | None) -> li
     for task in cfg.tasks:
         metric = MAIN_METRICS[task.kind][0]
         recs = {r["arm"]: r for r in summary if r["task"] == task.label and r["metric"] == metric and "diff" in r}
-        said = [f"`{name}` {recs[name]['diff'] * 100:+.1f}"
-                + ("" if recs[name]["diff_ci"] is None else
-                   f" (95 % CI {(recs[name]['diff'] - recs[name]['diff_ci']) * 100:+.1f} … "
-                   f"{(recs[name]['diff'] + recs[name]['diff_ci']) * 100:+.1f})")
-                + f", {recs[name]['diff_n']} seed{'s' if recs[name]['diff_n'] != 1 else ''}: "
-                + verdict(recs[name]["diff"], recs[name]["diff_ci"])
-                for name in guided if name in recs]
+        said = [_difference_in_words(name, recs[name]) for name in guided if name in recs]
         if said:
             lines.append(f"- **{task.label}** ({metric} − `{base}`'s, same seeds): " + "; ".join(said) + ".")
     return (["## Answer: each arm beyond random masking against the baseline", ""] + lines + [""]) if lines else []
