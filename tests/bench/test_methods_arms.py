@@ -19,6 +19,7 @@ from mwm.bench import BenchConfig, run_bench
 from mwm.bench.config import run_dir
 from mwm.bench.parts import identity_hash, pretrain_identity, task_identity
 from mwm.bench.runner import _weights, check_bench, pretrain_config, task_config
+from mwm.bench.tables import is_guided
 from mwm.train.methods import METHODS, MethodConfig, PretrainMethod, register_method
 
 
@@ -236,6 +237,20 @@ def test_a_meijering_target_arm_pretrains_on_its_maps(tmp_path):
          {"name": "mm", "model": {"target": "meijering"}, "masking": {"strategy": "random", "ratio": 0.5},
           "rois": {"source": "manifest", "path": str(manifest)}}], out=str(tmp_path / "b")))
     assert [cfg.map_target(a) for a in cfg.arms] == [False, True]
+    assert [is_guided(cfg, a) for a in cfg.arms] == [False, True]  # the ridge target is the field's method, not random
     pc = pretrain_config(cfg, cfg.arms[1], 0, manifest)
     assert pc.rois == manifest and pc.model.target == "meijering"
     assert pretrain_config(cfg, cfg.arms[0], 0, manifest).rois is None  # a pixel arm still ignores it
+
+
+def test_the_answer_names_every_arm_beyond_plain_random_masking():
+    """Guided masking, loss- / attention-guided methods and contrastive methods are what the answer is about;
+    random masking on SparK or MAE and no pretraining are not."""
+    cfg = BenchConfig.model_validate(_bench(
+        [{"name": "scratch", "pretrain": False},
+         {"name": "spark", "masking": {"strategy": "random", "ratio": 0.6}},
+         {"name": "mae", "method": "mae", "model": {"arch": "vit_tiny_patch16_224"}, "masking": {"ratio": 0.75}},
+         {"name": "mwm", "masking": {"strategy": "roi_overall", "ratio": 0.4, "ratio_in": 0.8}},
+         {"name": "hpm", "method": "hpm", "masking": {"strategy": "random", "ratio": 0.6}},
+         {"name": "byol", "method": "byol"}], rois={"source": "gt-boxes"}))
+    assert [a.name for a in cfg.arms if is_guided(cfg, a)] == ["mwm", "hpm", "byol"]

@@ -169,9 +169,11 @@ def _choice_note(cfg: BenchConfig, choice: ChoiceConfig, rows: list[dict]) -> st
 
 
 def is_guided(cfg: BenchConfig, arm: ArmConfig) -> bool:
-    """An arm that pretrains with something other than plain random masking (an ROI, an importance map, a loss
-    predictor, a teacher's attention, or a contrastive objective): the arms the bench's question is about."""
-    return arm.pretrain and not (cfg.strategy_of(arm) == "random" and cfg.method_of(arm) in ("spark", "mae"))
+    """An arm that pretrains with something other than plain random masking of pixels (an ROI, an importance map,
+    a loss predictor, a teacher's attention, a map target, or a contrastive objective): the arms the bench's
+    question is about."""
+    plain = cfg.strategy_of(arm) == "random" and cfg.method_of(arm) in ("spark", "mae") and not cfg.map_target(arm)
+    return arm.pretrain and not plain
 
 
 def verdict(diff: float, half_width: float | None) -> str:
