@@ -185,3 +185,33 @@ def test_verdict_reads_the_interval():
 
     assert verdict(0.02, 0.01).startswith("better") and verdict(-0.02, 0.01).startswith("worse")
     assert verdict(0.02, 0.03).startswith("no detectable difference") and verdict(0.02, None) == "no interval yet"
+
+
+def test_matched_ratio_pairs_each_guided_arm_with_the_nearest_random_ratio(tmp_path):
+    """MWM is compared with the random arm nearest in *realised* ratio (not nominal), on common seeds; an arm with
+    no random arm within the tolerance, and the baseline itself, get no matched line."""
+    from mwm.bench.tables import matched_ratio_differences
+
+    cfg = _cfg(tmp_path, arms=[
+        {"name": "scratch", "pretrain": False},
+        {"name": "random-0.4", "masking": {"strategy": "random", "ratio": 0.4}},
+        {"name": "random-0.6", "masking": {"strategy": "random", "ratio": 0.6}},
+        {"name": "mwm-a", "masking": {"strategy": "roi", "ratio_in": 0.8, "ratio_out": 0.2}},
+        {"name": "mwm-b", "masking": {"strategy": "roi_overall", "ratio": 0.6, "ratio_in": 0.8}},
+        {"name": "mwm-far", "masking": {"strategy": "roi", "ratio_in": 0.9, "ratio_out": 0.1}}],
+        baseline="random-0.6")
+    acc = {"scratch": [0.6, 0.6, 0.6], "random-0.4": [0.70, 0.72, 0.71], "random-0.6": [0.74, 0.75, 0.76],
+           "mwm-a": [0.72, 0.71, 0.75], "mwm-b": [0.78, 0.77, 0.70], "mwm-far": [0.9, 0.9, 0.9]}
+    ratio = {"scratch": None, "random-0.4": 0.41, "random-0.6": 0.59, "mwm-a": 0.45, "mwm-b": 0.55, "mwm-far": 0.50}
+    rows = [{"arm": arm, "seed": s, "task": "linear", "kind": "linear", "accuracy": v,
+             "realised_mask_ratio": ratio[arm]} for arm, vals in acc.items() for s, v in enumerate(vals)
+            if not (arm == "mwm-a" and s == 2)]  # mwm-a misses seed 2: paired on seeds 0-1 only
+    got = {m["arm"]: m for m in matched_ratio_differences(cfg, rows, cfg.tasks[0])}
+    assert set(got) == {"mwm-a", "mwm-b"}  # mwm-far: 0.09 from either random arm
+    assert got["mwm-a"]["matched"] == "random-0.4" and got["mwm-a"]["diff_n"] == 2
+    assert got["mwm-a"]["diff"] == pytest.approx(((0.72 - 0.70) + (0.71 - 0.72)) / 2)
+    assert got["mwm-b"]["matched"] == "random-0.6" and got["mwm-b"]["matched_ratio"] == pytest.approx(0.59)
+    md = write_tables(cfg, rows)["md"].read_text()
+    line = next(x for x in md.splitlines() if "matched overall mask ratio" in x)
+    assert "`mwm-a` − `random-0.4` (realised ratio 0.45 vs 0.41) +0.5" in line
+    assert "mwm-b" not in line and "mwm-far" not in line  # the baseline match is the line above

@@ -18,7 +18,8 @@ from ..io import atomic_write_text
 from .config import ArmConfig, BenchConfig, ChoiceConfig, TaskConfig
 
 __all__ = ["MAIN_METRICS", "result_row", "summarize", "write_tables", "paired_difference", "choose_baseline",
-           "choose_best"]
+           "choose_best",
+           "matched_ratio_differences"]
 
 # What each task kind reports in results.md (results.csv has every scalar metric).
 MAIN_METRICS: dict[str, list[str]] = {
@@ -27,6 +28,9 @@ MAIN_METRICS: dict[str, list[str]] = {
     "segment": ["dice", "iou"],
     "detect": ["box_ap", "box_ap75", "mask_ap", "mask_ap75"],
 }
+# How far apart two realised overall mask ratios may be to count as matched (one cell of an 8 x 8 grid is 0.016;
+# the random arms of the evidence configs are 0.1 apart, so every ratio in their range has one within 0.05)
+MATCH_TOLERANCE = 0.05
 
 
 def result_row(arm: ArmConfig, seed: int, task: TaskConfig, metrics: dict, summary: dict, ratios: dict,
@@ -118,6 +122,11 @@ def choose_baseline(cfg: BenchConfig, rows: list[dict]) -> str | None:
     return choose_best(cfg, cfg.baseline_from, rows)
 
 
+def _by_seed(rows: list[dict], arm: str, task: str, metric: str) -> dict[int, float]:
+    """seed → ``metric`` of ``arm``'s rows for ``task`` (rows without the metric left out)."""
+    return {r["seed"]: r[metric] for r in rows if r["arm"] == arm and r["task"] == task and r.get(metric) is not None}
+
+
 def summarize(cfg: BenchConfig, rows: list[dict]) -> list[dict]:
     """Per task × arm × main metric: n, mean, std, and the paired difference to the baseline (same seeds)."""
     base = choose_baseline(cfg, rows)
@@ -125,16 +134,14 @@ def summarize(cfg: BenchConfig, rows: list[dict]) -> list[dict]:
     for task in cfg.tasks:
         for arm in cfg.arms:
             for metric in MAIN_METRICS[task.kind]:
-                sel = {r["seed"]: r[metric] for r in rows
-                       if r["arm"] == arm.name and r["task"] == task.label and r.get(metric) is not None}
+                sel = _by_seed(rows, arm.name, task.label, metric)
                 if not sel:
                     continue
                 vals = list(sel.values())
                 rec = {"task": task.label, "arm": arm.name, "metric": metric, "n": len(vals),
                        "mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
                 if base and arm.name != base:
-                    ref = {r["seed"]: r[metric] for r in rows if r["arm"] == base and r["task"] == task.label
-                           and r.get(metric) is not None}
+                    ref = _by_seed(rows, base, task.label, metric)
                     common = sorted(set(sel) & set(ref))
                     if common:
                         rec["diff"], rec["diff_ci"] = paired_difference([sel[s] for s in common],
@@ -187,16 +194,58 @@ def verdict(diff: float, half_width: float | None) -> str:
     return "no detectable difference: the interval includes 0"
 
 
-def _difference_in_words(name: str, rec: dict) -> str:
-    """e.g. "`mwm-0.4` -1.0 (95 % CI -2.9 … +0.9), 5 seeds: no detectable difference: …" for a summary record."""
+def _difference_in_words(label: str, rec: dict) -> str:
+    """e.g. "`mwm-0.4` -1.0 (95 % CI -2.9 … +0.9), 5 seeds: no detectable difference: …" for a record with
+    ``diff`` / ``diff_ci`` / ``diff_n``; ``label`` is the markdown naming what was compared."""
     d, hw, n = rec["diff"] * 100, rec["diff_ci"], rec["diff_n"]
     ci = "" if hw is None else f" (95 % CI {d - hw * 100:+.1f} … {d + hw * 100:+.1f})"
-    return f"`{name}` {d:+.1f}{ci}, {n} seed{'s' if n != 1 else ''}: {verdict(rec['diff'], hw)}"
+    return f"{label} {d:+.1f}{ci}, {n} seed{'s' if n != 1 else ''}: {verdict(rec['diff'], hw)}"
 
 
-def _answer_lines(cfg: BenchConfig, summary: list[dict], base: str | None) -> list[str]:
+def _mean_ratio(rows: list[dict], arm: str, task: str) -> float | None:
+    v = [r["realised_mask_ratio"] for r in rows if r["arm"] == arm and r["task"] == task
+         and r.get("realised_mask_ratio") is not None]
+    return float(np.mean(v)) if v else None
+
+
+def matched_ratio_differences(cfg: BenchConfig, rows: list[dict], task: TaskConfig,
+                              tolerance: float = MATCH_TOLERANCE) -> list[dict]:
+    """Each guided masking arm against the plain random arm of the same backbone whose realised overall mask ratio
+    is nearest to its own (within ``tolerance``): the paired difference of the task's first metric on their
+    common seeds. This separates *where* an arm masks from *how much*: an ROI covering most of the image (lungs
+    on a chest X-ray) turns MWM into near-uniform masking at another ratio, which the baseline comparison alone
+    would credit to guidance.
+
+    Returns:
+        records ``{arm, matched, ratio, matched_ratio, diff, diff_ci, diff_n}``, in arm order (arms without a
+        realised ratio, e.g. contrastive ones, or without a random arm in reach are left out).
+    """
+    metric = MAIN_METRICS[task.kind][0]
+    plain = [a for a in cfg.arms if a.pretrain and not is_guided(cfg, a) and cfg.strategy_of(a)]
+    out = []
+    for arm in [a for a in cfg.arms if is_guided(cfg, a)]:
+        ratio = _mean_ratio(rows, arm.name, task.label)
+        if ratio is None:
+            continue
+        same_backbone = [a.name for a in plain if cfg.arch_of(a) == cfg.arch_of(arm)]
+        near = [(abs(r - ratio), name, r) for name in same_backbone
+                if (r := _mean_ratio(rows, name, task.label)) is not None and abs(r - ratio) <= tolerance]
+        if not near:
+            continue
+        _, ref, ref_ratio = min(near)
+        mine, theirs = _by_seed(rows, arm.name, task.label, metric), _by_seed(rows, ref, task.label, metric)
+        common = sorted(set(mine) & set(theirs))
+        if common:
+            diff, ci = paired_difference([mine[s] for s in common], [theirs[s] for s in common])
+            out.append({"arm": arm.name, "matched": ref, "ratio": ratio, "matched_ratio": ref_ratio,
+                        "diff": diff, "diff_ci": ci, "diff_n": len(common)})
+    return out
+
+
+def _answer_lines(cfg: BenchConfig, rows: list[dict], summary: list[dict], base: str | None) -> list[str]:
     """The question answered in words for every task's first metric: each guided arm against the baseline, with
-    the paired difference, its 95 % interval and what the interval says."""
+    the paired difference, its 95 % interval and what the interval says; then each guided masking arm against
+    random masking at the nearest realised ratio (:func:`matched_ratio_differences`)."""
     if base is None:
         return []
     guided = [a.name for a in cfg.arms if is_guided(cfg, a)]
@@ -204,9 +253,16 @@ def _answer_lines(cfg: BenchConfig, summary: list[dict], base: str | None) -> li
     for task in cfg.tasks:
         metric = MAIN_METRICS[task.kind][0]
         recs = {r["arm"]: r for r in summary if r["task"] == task.label and r["metric"] == metric and "diff" in r}
-        said = [_difference_in_words(name, recs[name]) for name in guided if name in recs]
+        said = [_difference_in_words(f"`{name}`", recs[name]) for name in guided if name in recs]
         if said:
             lines.append(f"- **{task.label}** ({metric} − `{base}`'s, same seeds): " + "; ".join(said) + ".")
+        matched = [m for m in matched_ratio_differences(cfg, rows, task) if m["matched"] != base]
+        if matched:
+            lines.append("  - at a matched overall mask ratio (− the random arm nearest in realised ratio): "
+                         + "; ".join(_difference_in_words(f"`{m['arm']}` − `{m['matched']}` (realised ratio "
+                                                          f"{m['ratio']:.2f} vs {m['matched_ratio']:.2f})", m)
+                                     for m in matched)
+                         + ".")
     return (["## Answer: each arm beyond random masking against the baseline", ""] + lines + [""]) if lines else []
 
 
@@ -224,7 +280,7 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
                "t-interval (same seeds)"
              + "".join(_choice_note(cfg, c, rows) for c in cfg.choices)
              + ".", ""]
-    lines += _answer_lines(cfg, summary, base)
+    lines += _answer_lines(cfg, rows, summary, base)
     for task in cfg.tasks:
         metrics = MAIN_METRICS[task.kind]
         lines += [f"## {task.label}", "",
