@@ -215,3 +215,10 @@ def test_matched_ratio_pairs_each_guided_arm_with_the_nearest_random_ratio(tmp_p
     line = next(x for x in md.splitlines() if "matched overall mask ratio" in x)
     assert "`mwm-a` − `random-0.4` (realised ratio 0.45 vs 0.41) +0.5" in line
     assert "mwm-b" not in line and "mwm-far" not in line  # the baseline match is the line above
+
+
+def test_header_before_the_baseline_is_chosen(tmp_path):
+    """With no candidate finished, the header says there is no baseline yet instead of naming `None`."""
+    cfg = _cfg(tmp_path, baseline_from=["random-0.6"])
+    md = write_tables(cfg, [r for r in _rows() if r["arm"] == "scratch"])["md"].read_text()
+    assert "`None`" not in md and "paired difference to the baseline (none yet)" in md

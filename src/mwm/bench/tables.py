@@ -276,8 +276,8 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
              + "".join(f" (+ seeds {c.seeds} for the chosen {c.name})" for c in cfg.choose if c.seeds)
              + f", ROIs: {describe_rois(cfg.rois)}"
              + (f" (arms with their own: {'; '.join(own)})" if own else "")
-             + f". Metrics ×100, mean ± std over seeds; Δ = paired difference to `{base}` with its 95 % "
-               "t-interval (same seeds)"
+             + ". Metrics ×100, mean ± std over seeds; Δ = paired difference to "
+             + (f"`{base}`" if base else "the baseline (none yet)") + " with its 95 % t-interval (same seeds)"
              + "".join(_choice_note(cfg, c, rows) for c in cfg.choices)
              + ".", ""]
     lines += _answer_lines(cfg, rows, summary, base)
