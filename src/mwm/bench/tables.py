@@ -18,8 +18,7 @@ from ..io import atomic_write_text
 from .config import ArmConfig, BenchConfig, ChoiceConfig, TaskConfig
 
 __all__ = ["MAIN_METRICS", "result_row", "summarize", "write_tables", "paired_difference", "choose_baseline",
-           "choose_best",
-           "matched_ratio_differences"]
+           "choose_best", "matched_ratio_differences"]
 
 # What each task kind reports in results.md (results.csv has every scalar metric).
 MAIN_METRICS: dict[str, list[str]] = {
@@ -127,6 +126,21 @@ def _by_seed(rows: list[dict], arm: str, task: str, metric: str) -> dict[int, fl
     return {r["seed"]: r[metric] for r in rows if r["arm"] == arm and r["task"] == task and r.get(metric) is not None}
 
 
+def _mean_of(rows: list[dict], arm: str, task: str, key: str) -> float | None:
+    """Mean of ``key`` over ``arm``'s rows for ``task`` (None when no row has it)."""
+    v = list(_by_seed(rows, arm, task, key).values())
+    return float(np.mean(v)) if v else None
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> dict:
+    """``{diff, diff_ci, diff_n}`` of a − b over their common seeds (:func:`paired_difference`); {} with none."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return {}
+    diff, ci = paired_difference([a[s] for s in common], [b[s] for s in common])
+    return {"diff": diff, "diff_ci": ci, "diff_n": len(common)}
+
+
 def summarize(cfg: BenchConfig, rows: list[dict]) -> list[dict]:
     """Per task × arm × main metric: n, mean, std, and the paired difference to the baseline (same seeds)."""
     base = choose_baseline(cfg, rows)
@@ -141,12 +155,7 @@ def summarize(cfg: BenchConfig, rows: list[dict]) -> list[dict]:
                 rec = {"task": task.label, "arm": arm.name, "metric": metric, "n": len(vals),
                        "mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
                 if base and arm.name != base:
-                    ref = _by_seed(rows, base, task.label, metric)
-                    common = sorted(set(sel) & set(ref))
-                    if common:
-                        rec["diff"], rec["diff_ci"] = paired_difference([sel[s] for s in common],
-                                                                        [ref[s] for s in common])
-                        rec["diff_n"] = len(common)
+                    rec.update(_paired(sel, _by_seed(rows, base, task.label, metric)))
                 out.append(rec)
     return out
 
@@ -202,12 +211,6 @@ def _difference_in_words(label: str, rec: dict) -> str:
     return f"{label} {d:+.1f}{ci}, {n} seed{'s' if n != 1 else ''}: {verdict(rec['diff'], hw)}"
 
 
-def _mean_ratio(rows: list[dict], arm: str, task: str) -> float | None:
-    v = [r["realised_mask_ratio"] for r in rows if r["arm"] == arm and r["task"] == task
-         and r.get("realised_mask_ratio") is not None]
-    return float(np.mean(v)) if v else None
-
-
 def matched_ratio_differences(cfg: BenchConfig, rows: list[dict], task: TaskConfig,
                               tolerance: float = MATCH_TOLERANCE) -> list[dict]:
     """Each guided masking arm against the plain random arm of the same backbone whose realised overall mask ratio
@@ -224,21 +227,19 @@ def matched_ratio_differences(cfg: BenchConfig, rows: list[dict], task: TaskConf
     plain = [a for a in cfg.arms if a.pretrain and not is_guided(cfg, a) and cfg.strategy_of(a)]
     out = []
     for arm in [a for a in cfg.arms if is_guided(cfg, a)]:
-        ratio = _mean_ratio(rows, arm.name, task.label)
+        ratio = _mean_of(rows, arm.name, task.label, "realised_mask_ratio")
         if ratio is None:
             continue
         same_backbone = [a.name for a in plain if cfg.arch_of(a) == cfg.arch_of(arm)]
         near = [(abs(r - ratio), name, r) for name in same_backbone
-                if (r := _mean_ratio(rows, name, task.label)) is not None and abs(r - ratio) <= tolerance]
+                if (r := _mean_of(rows, name, task.label, "realised_mask_ratio")) is not None
+                and abs(r - ratio) <= tolerance]
         if not near:
             continue
         _, ref, ref_ratio = min(near)
-        mine, theirs = _by_seed(rows, arm.name, task.label, metric), _by_seed(rows, ref, task.label, metric)
-        common = sorted(set(mine) & set(theirs))
-        if common:
-            diff, ci = paired_difference([mine[s] for s in common], [theirs[s] for s in common])
-            out.append({"arm": arm.name, "matched": ref, "ratio": ratio, "matched_ratio": ref_ratio,
-                        "diff": diff, "diff_ci": ci, "diff_n": len(common)})
+        paired = _paired(_by_seed(rows, arm.name, task.label, metric), _by_seed(rows, ref, task.label, metric))
+        if paired:
+            out.append({"arm": arm.name, "matched": ref, "ratio": ratio, "matched_ratio": ref_ratio, **paired})
     return out
 
 
@@ -294,9 +295,8 @@ def _markdown(cfg: BenchConfig, rows: list[dict], summary: list[dict]) -> str:
                 continue
             arm_rows = [r for r in rows if r["arm"] == arm.name and r["task"] == task.label]
 
-            def avg(key: str) -> float | None:
-                v = [r[key] for r in arm_rows if r.get(key) is not None]
-                return float(np.mean(v)) if v else None
+            def avg(key: str, arm: str = arm.name, task: str = task.label) -> float | None:
+                return _mean_of(rows, arm, task, key)
 
             ratios = [avg("realised_mask_ratio"), avg("realised_mask_ratio_in"), avg("realised_mask_ratio_out")]
             rtxt = (" / ".join("–" if v is None else f"{v:.2f}" for v in ratios) if cfg.strategy_of(arm)
