@@ -222,3 +222,21 @@ def test_header_before_the_baseline_is_chosen(tmp_path):
     cfg = _cfg(tmp_path, baseline_from=["random-0.6"])
     md = write_tables(cfg, [r for r in _rows() if r["arm"] == "scratch"])["md"].read_text()
     assert "`None`" not in md and "paired difference to the baseline (none yet)" in md
+
+
+def test_answer_gives_chance_level_and_the_other_metrics(tmp_path):
+    """The answer names what always predicting the most frequent *true* test class scores (confusion-matrix rows),
+    and each guided arm's paired differences on the other main metrics."""
+    from mwm.bench.tables import result_row
+
+    cfg = _cfg(tmp_path)
+    cm = [[3, 1], [5, 1]]  # rows = true classes (4 and 6 images); the columns (predictions) would give 0.8
+    row = result_row(cfg.arms[1], 0, cfg.tasks[0], {"accuracy": 0.4, "confusion_matrix": cm}, {}, {}, 1.0)
+    assert row["majority_accuracy"] == pytest.approx(0.6)
+    rows = [{**r, "majority_accuracy": 0.6} for r in _rows()]
+    md = write_tables(cfg, rows)["md"].read_text()
+    assert "(accuracy − `random-0.6`'s, same seeds; always predicting the most frequent class: 60.0)" in md
+    d, hw = paired_difference([0.75, 0.76, 0.80], [0.70, 0.74, 0.72])
+    ci = f"(95 % CI {(d - hw) * 100:+.1f} … {(d + hw) * 100:+.1f})"
+    assert ("  - the other metrics, same seeds: `mwm` balanced_accuracy +5.0 " + ci + ", macro_f1 +5.0 " + ci
+            + ", auroc +0.0 (95 % CI +0.0 … +0.0).") in md.splitlines()

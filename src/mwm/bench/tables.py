@@ -60,6 +60,9 @@ def result_row(arm: ArmConfig, seed: int, task: TaskConfig, metrics: dict, summa
     row["mask_grid"] = f"{grid[0]}x{grid[1]}" if grid else None
     for k in ("mask_ratio", "mask_ratio_in", "mask_ratio_out"):
         row[f"realised_{k}"] = ratios.get(k)
+    cm = metrics.get("confusion_matrix")
+    if cm:  # rows are the true classes: what always predicting the most frequent test class scores
+        row["majority_accuracy"] = max(map(sum, cm)) / sum(map(sum, cm))
     row.update(roi_quality or {})
     return row
 
@@ -203,12 +206,29 @@ def verdict(diff: float, half_width: float | None) -> str:
     return "no detectable difference: the interval includes 0"
 
 
+def _difference_text(rec: dict) -> str:
+    """e.g. "-1.0 (95 % CI -2.9 … +0.9)" (×100) for a record with ``diff`` / ``diff_ci``."""
+    d, hw = rec["diff"] * 100, rec["diff_ci"]
+    return f"{d:+.1f}" + ("" if hw is None else f" (95 % CI {d - hw * 100:+.1f} … {d + hw * 100:+.1f})")
+
+
 def _difference_in_words(label: str, rec: dict) -> str:
     """e.g. "`mwm-0.4` -1.0 (95 % CI -2.9 … +0.9), 5 seeds: no detectable difference: …" for a record with
     ``diff`` / ``diff_ci`` / ``diff_n``; ``label`` is the markdown naming what was compared."""
-    d, hw, n = rec["diff"] * 100, rec["diff_ci"], rec["diff_n"]
-    ci = "" if hw is None else f" (95 % CI {d - hw * 100:+.1f} … {d + hw * 100:+.1f})"
-    return f"{label} {d:+.1f}{ci}, {n} seed{'s' if n != 1 else ''}: {verdict(rec['diff'], hw)}"
+    n = rec["diff_n"]
+    return f"{label} {_difference_text(rec)}, {n} seed{'s' if n != 1 else ''}: {verdict(rec['diff'], rec['diff_ci'])}"
+
+
+def _other_metrics_line(task: TaskConfig, summary: list[dict], guided: list[str]) -> str | None:
+    """The answer's sub-line with each guided arm's paired differences on the task's other main metrics (balanced
+    accuracy, macro F1, AUROC: what accuracy hides when one class dominates), or None without any."""
+    recs = {(r["arm"], r["metric"]): r for r in summary if r["task"] == task.label and "diff" in r}
+    said = []
+    for name in guided:
+        parts = [f"{m} {_difference_text(recs[name, m])}" for m in MAIN_METRICS[task.kind][1:] if (name, m) in recs]
+        if parts:
+            said.append(f"`{name}` " + ", ".join(parts))
+    return ("  - the other metrics, same seeds: " + "; ".join(said) + ".") if said else None
 
 
 def matched_ratio_differences(cfg: BenchConfig, rows: list[dict], task: TaskConfig,
@@ -256,7 +276,12 @@ def _answer_lines(cfg: BenchConfig, rows: list[dict], summary: list[dict], base:
         recs = {r["arm"]: r for r in summary if r["task"] == task.label and r["metric"] == metric and "diff" in r}
         said = [_difference_in_words(f"`{name}`", recs[name]) for name in guided if name in recs]
         if said:
-            lines.append(f"- **{task.label}** ({metric} − `{base}`'s, same seeds): " + "; ".join(said) + ".")
+            majority = _mean_of(rows, base, task.label, "majority_accuracy") if metric == "accuracy" else None
+            chance = "" if majority is None else f"; always predicting the most frequent class: {majority * 100:.1f}"
+            lines.append(f"- **{task.label}** ({metric} − `{base}`'s, same seeds{chance}): " + "; ".join(said) + ".")
+            other = _other_metrics_line(task, summary, guided)
+            if other:
+                lines.append(other)
         matched = [m for m in matched_ratio_differences(cfg, rows, task) if m["matched"] != base]
         if matched:
             lines.append("  - at a matched overall mask ratio (− the random arm nearest in realised ratio): "
