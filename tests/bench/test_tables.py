@@ -240,3 +240,19 @@ def test_answer_gives_chance_level_and_the_other_metrics(tmp_path):
     ci = f"(95 % CI {(d - hw) * 100:+.1f} … {(d + hw) * 100:+.1f})"
     assert ("  - the other metrics, same seeds: `mwm` balanced_accuracy +5.0 " + ci + ", macro_f1 +5.0 " + ci
             + ", auroc +0.0 (95 % CI +0.0 … +0.0).") in md.splitlines()
+
+
+def test_progress_note_estimates_the_pretraining_left(tmp_path):
+    """The estimate counts the arm x seeds with no result yet that pretrain (not no-pretraining arms, not runs whose
+    pretraining is done and only a task is missing) at the mean time of the finished runs."""
+    from mwm.bench.runner import progress_note
+
+    cfg = _cfg(tmp_path, tasks=[{"kind": "linear"}, {"kind": "linear", "name": "bn"}])
+    rows = [r for r in _rows() if r["arm"] == "scratch" or (r["arm"] == "random-0.6" and r["seed"] < 2)]
+    for r in rows:  # every arm x seed lacks its "bn" task; random-0.6 seeds 0-1 are pretrained
+        r["pretrain_seconds"] = {"scratch": None, "random-0.6": 600.0 + 600.0 * r["seed"]}[r["arm"]]
+    assert progress_note(cfg, rows, {}) == (
+        "5 of 18 results done; 9 arm x seed(s) to run, next scratch seed 0, random-0.6 seed 0, mwm seed 0; ≈ 1.0 h "
+        "of pretraining left (4 runs × 15 min, the mean so far; shards split it)")
+    no_time = [{**r, "pretrain_seconds": None} for r in rows]
+    assert progress_note(cfg, no_time, {}).endswith("mwm seed 0")

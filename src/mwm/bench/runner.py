@@ -556,9 +556,25 @@ def progress_note(cfg: BenchConfig, rows: list[dict], chosen: dict[str, str]) ->
     note = f"{len(want & have)} of {len(want)} results done"
     if todo:  # in run order: the next ones first
         note += f"; {len(todo)} arm x seed(s) to run, next " + ", ".join(f"{a} seed {s}" for a, s in todo[:3])
+        note += _time_left(cfg, rows, todo)
     if waiting:
         note += f"; choices waiting for their candidates: {waiting}"
     return note
+
+
+def _time_left(cfg: BenchConfig, rows: list[dict], todo: list[tuple[str, int]]) -> str:
+    """The progress note's estimate: the arm x seeds still to pretrain (no result row yet) times the mean
+    pretraining time of the finished ones ("" before any has finished). The finished runs' seconds were measured
+    under the bench's own sharing of the machine, so the estimate is machine time that the shards split."""
+    pretrains = {a.name for a in cfg.arms if a.pretrain}
+    started = {(r["arm"], r["seed"]) for r in rows}
+    seconds = {(r["arm"], r["seed"]): r["pretrain_seconds"] for r in rows if r.get("pretrain_seconds")}
+    left = [x for x in todo if x[0] in pretrains and x not in started]
+    if not left or not seconds:
+        return ""
+    per = sum(seconds.values()) / len(seconds)
+    return (f"; ≈ {len(left) * per / 3600:.1f} h of pretraining left ({len(left)} runs × {per / 60:.0f} min, the "
+            f"mean so far; shards split it)")
 
 
 def _check_phases(cfg: BenchConfig, phases: Collection[int] | None) -> None:
