@@ -80,8 +80,10 @@ def test_phases_build_only_the_arms_asked_for(phantoms_npz, tmp_path, spy):
     log: list[str] = []
     rows = run_bench(cfg, log=log.append, phases=[1])
     assert spy == [("pretrain", "late"), ("linear", "late")]
-    assert log[-1] == ("1 of 3 results done; 2 arm x seed(s) to run, next r50 seed 0, r75 seed 0; choices "
-                       "waiting for their candidates: ['baseline']")
+    took = r"\d+(\.\d)? (s|min|h)"  # the estimate from the finished run's time (seconds here)
+    assert re.fullmatch(rf"1 of 3 results done; 2 arm x seed\(s\) to run, next r50 seed 0, r75 seed 0; ≈ {took} of "
+                        rf"pretraining left \(2 runs × {took}, the mean so far; shards split it\); choices waiting "
+                        r"for their candidates: \['baseline'\]", log[-1]), log[-1]
     assert {(r["arm"], r["seed"]) for r in rows} == {("late", 0)}
     spy.clear()
     rows = run_bench(cfg, log=log.append, phases=[0])  # the main arms and the baseline's extra seed

@@ -573,8 +573,15 @@ def _time_left(cfg: BenchConfig, rows: list[dict], todo: list[tuple[str, int]]) 
     if not left or not seconds:
         return ""
     per = sum(seconds.values()) / len(seconds)
-    return (f"; ≈ {len(left) * per / 3600:.1f} h of pretraining left ({len(left)} runs × {per / 60:.0f} min, the "
-            f"mean so far; shards split it)")
+    return (f"; ≈ {_duration(len(left) * per)} of pretraining left ({len(left)} runs × {_duration(per)}, the mean "
+            f"so far; shards split it)")
+
+
+def _duration(seconds: float) -> str:
+    """e.g. "1.5 h", "15 min", "40 s"."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _check_phases(cfg: BenchConfig, phases: Collection[int] | None) -> None:
