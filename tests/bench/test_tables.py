@@ -146,6 +146,55 @@ def test_roi_quality_columns_and_curve(tmp_path):
     assert tmp_path / "plots" / "linear_roi_quality.png" not in bench_plots(cfg, rows, tmp_path / "p2")
 
 
+def test_roi_quality_curve_joins_arms_that_differ_only_in_their_rois(monkeypatch, tmp_path):
+    """One curve per masking: MWM with oracle and degraded boxes share one (joined in order of precision); an arm
+    at another ratio is a point of its own, not a point on that curve."""
+    import mwm.bench.plots as plots
+
+    roi = {"strategy": "roi_overall", "ratio": 0.4, "ratio_in": 0.8}
+    cfg = _cfg(tmp_path, arms=[{"name": "random-0.6", "masking": {"strategy": "random", "ratio": 0.6}},
+                               {"name": "mwm", "masking": roi},
+                               {"name": "mwm-bad", "masking": roi,
+                                "rois": {"source": "gt-boxes", "perturb": {"precision": 0.3, "recall": 0.9}}},
+                               {"name": "mwm-0.6", "masking": {**roi, "ratio": 0.6}}])
+    rows = [{"arm": a, "seed": s, "task": "linear", "accuracy": 0.7 + 0.01 * s + d, "realised_mask_ratio": 0.5,
+             **({} if a == "random-0.6" else {"roi_precision": q, "roi_recall": 1.0})}
+            for a, d, q in [("random-0.6", 0, None), ("mwm", 0.01, 0.5), ("mwm-bad", -0.01, 0.3),
+                            ("mwm-0.6", 0.02, 0.5)] for s in range(3)]
+    seen = []
+    monkeypatch.setattr(plots, "roi_quality_curve", lambda pts, path, *a, **k: seen.extend(pts) or path)
+    plots.bench_plots(cfg, rows, tmp_path / "plots")
+    group = {p[0]: p[5] for p in seen}
+    assert group["mwm"] == group["mwm-bad"] == "spark roi_overall ratio=0.4 ratio_in=0.8"
+    assert group["mwm-0.6"] == "spark roi_overall ratio=0.6 ratio_in=0.8"
+    # the real figure draws (a smoke check that the grouped points plot)
+    from mwm.report.plots import roi_quality_curve
+
+    assert roi_quality_curve(seen, tmp_path / "q.png", "accuracy", "random-0.6").stat().st_size > 0
+
+
+def test_roi_quality_is_not_scored_for_importance_maps(tmp_path):
+    """A manifest of maps (Meijering, MedIM: no boxes) has no occlusion precision / recall, not 0 / 0; a manifest
+    of boxes is scored against the masks."""
+    import numpy as np
+
+    from mwm.bench.runner import roi_quality
+    from mwm.rois.manifest import write_manifest
+
+    masks = np.zeros((2, 16, 16), np.uint8)
+    masks[:, 4:8, 4:8] = 1
+    np.savez(tmp_path / "d.npz", images=np.zeros((2, 16, 16), np.uint8), masks=masks,
+             filenames=np.array(["a.png", "b.png"]), split=np.array(["train", "train"]))
+    cfg = _cfg(tmp_path, data=str(tmp_path / "d.npz"))
+    rec = {"width": 16, "height": 16, "status": "ok", "prompt": "x"}
+    maps = write_manifest(tmp_path / "maps.jsonl", [{**rec, "image": n, "boxes": [], "saliency": f"s/{n}"}
+                                                    for n in ("a.png", "b.png")])
+    assert roi_quality(cfg, maps) == {}
+    boxes = write_manifest(tmp_path / "boxes.jsonl", [{**rec, "image": n, "boxes": [[0.25, 0.25, 0.75, 0.5]]}
+                                                      for n in ("a.png", "b.png")])
+    assert roi_quality(cfg, boxes) == {"roi_precision": pytest.approx(0.5), "roi_recall": pytest.approx(1.0)}
+
+
 def test_baseline_chosen_on_validation_not_test(tmp_path):
     """baseline_from picks the arm with the best mean *validation* score, even when another is better on test."""
     from mwm.bench.tables import choose_baseline

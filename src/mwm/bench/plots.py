@@ -46,11 +46,13 @@ def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
             paths.append(ratio_sweep(pts, out / f"{task.label}_sweep.png", metric,
                                      f"{cfg.name}: {task.label} vs mask ratio"))
         quality = []
+        arms = {a.name: a for a in cfg.arms}
         for r in recs:
             q = [x for x in rows if x["arm"] == r["arm"] and x["task"] == task.label and x.get("roi_precision") is not None]
             if q and "diff" in r:
                 quality.append((r["arm"], float(np.mean([x["roi_precision"] for x in q])),
-                                float(np.mean([x["roi_recall"] for x in q])), r["diff"], r.get("diff_ci")))
+                                float(np.mean([x["roi_recall"] for x in q])), r["diff"], r.get("diff_ci"),
+                                _masking_label(cfg, arms[r["arm"]])))
         if len(quality) >= 2:
             paths.append(roi_quality_curve(quality, out / f"{task.label}_roi_quality.png", metric,
                                            choose_baseline(cfg, rows), f"{cfg.name}: {task.label} vs ROI quality"))
@@ -60,3 +62,10 @@ def bench_plots(cfg, rows: list[dict], out: str | Path) -> list[Path]:
     if p is not None:
         paths.append(p)
     return paths
+
+
+def _masking_label(cfg, arm) -> str:
+    """The arm's masking without its ROI source, e.g. ``spark roi_overall ratio=0.4 ratio_in=0.8``: arms that share
+    it differ only in their ROIs, so they form one benefit-vs-ROI-quality curve."""
+    params = " ".join(f"{k}={v}" for k, v in sorted(arm.masking.items()) if k != "strategy")
+    return f"{cfg.method_of(arm)} {cfg.strategy_of(arm)} {params}".strip()

@@ -109,18 +109,27 @@ def ratio_sweep(points: dict[str, list[tuple[float, float, float | None]]], path
     return _save(plt, fig, Path(path))
 
 
-def roi_quality_curve(points: list[tuple[str, float, float, float, float | None]], path: str | Path, metric: str,
-                      baseline: str, title: str = "") -> Path:
+def roi_quality_curve(points: list[tuple], path: str | Path, metric: str, baseline: str, title: str = "") -> Path:
     """Benefit vs ROI quality: one point per guided arm at its ROIs' occlusion precision (x), the paired
     difference of ``metric`` to ``baseline`` (y, ×100) with its 95 % interval; labelled with the arm and its
-    ROI recall. points = [(arm, precision, recall, diff, ci half-width or None), …]."""
-    plt, fig, ax = _fig()
-    for name, p, r, d, ci in sorted(points, key=lambda t: t[1]):
-        ax.errorbar([p], [d * 100], yerr=[[0 if ci is None else ci * 100]], fmt="o", capsize=4)
-        ax.annotate(f"{name} (recall {r:.2f})", (p, d * 100), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    ROI recall. points = [(arm, precision, recall, diff, ci half-width or None, group), …]: the arms of one group
+    (the same masking, ROIs of different quality) are joined by a line in the order of precision, the curve a
+    user reads off for their localizer; a group of one is a lone point."""
+    plt, fig, ax = _fig(6.5, 4.0)
+    groups: dict[str, list] = {}
+    for pt in sorted(points, key=lambda t: t[1]):
+        groups.setdefault(pt[5], []).append(pt)
+    for group, pts in groups.items():
+        xs, ys = [p for _, p, *_ in pts], [d * 100 for _, _, _, d, *_ in pts]
+        errs = [0 if ci is None else ci * 100 for *_, ci, _ in pts]
+        ax.errorbar(xs, ys, yerr=errs, fmt="o-" if len(pts) > 1 else "o", capsize=4, label=group)
+        for name, p, r, d, *_ in pts:
+            ax.annotate(f"{name} (recall {r:.2f})", (p, d * 100), textcoords="offset points", xytext=(5, 5),
+                        fontsize=7)
     ax.axhline(0, color="#888888", lw=1)
     ax.set_xlabel("ROI occlusion precision (|box ∩ mask| / |box|)")
     ax.set_ylabel(f"Δ {metric} vs {baseline} ×100 (95 % CI)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title="masking", title_fontsize=7)
     return _save(plt, fig, Path(path))
