@@ -176,15 +176,17 @@ def test_roi_quality_curve_joins_arms_that_differ_only_in_their_rois(monkeypatch
 def test_roi_quality_is_not_scored_for_importance_maps(tmp_path):
     """A manifest of maps (Meijering, MedIM: no boxes) has no occlusion precision / recall, not 0 / 0; a manifest
     of boxes is scored against the masks."""
+    import warnings
+
     import numpy as np
 
     from mwm.bench.runner import roi_quality
     from mwm.rois.manifest import write_manifest
 
-    masks = np.zeros((2, 16, 16), np.uint8)
-    masks[:, 4:8, 4:8] = 1
-    np.savez(tmp_path / "d.npz", images=np.zeros((2, 16, 16), np.uint8), masks=masks,
-             filenames=np.array(["a.png", "b.png"]), split=np.array(["train", "train"]))
+    masks = np.zeros((3, 16, 16), np.uint8)
+    masks[:, 4:8, 4:8] = 1  # c.png, a test image, is annotated but not in the (pretraining) manifest
+    np.savez(tmp_path / "d.npz", images=np.zeros((3, 16, 16), np.uint8), masks=masks,
+             filenames=np.array(["a.png", "b.png", "c.png"]), split=np.array(["train", "train", "test"]))
     cfg = _cfg(tmp_path, data=str(tmp_path / "d.npz"))
     rec = {"width": 16, "height": 16, "status": "ok", "prompt": "x"}
     maps = write_manifest(tmp_path / "maps.jsonl", [{**rec, "image": n, "boxes": [], "saliency": f"s/{n}"}
@@ -192,7 +194,9 @@ def test_roi_quality_is_not_scored_for_importance_maps(tmp_path):
     assert roi_quality(cfg, maps) == {}
     boxes = write_manifest(tmp_path / "boxes.jsonl", [{**rec, "image": n, "boxes": [[0.25, 0.25, 0.75, 0.5]]}
                                                       for n in ("a.png", "b.png")])
-    assert roi_quality(cfg, boxes) == {"roi_precision": pytest.approx(0.5), "roi_recall": pytest.approx(1.0)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the test image without an ROI is expected: no warning
+        assert roi_quality(cfg, boxes) == {"roi_precision": pytest.approx(0.5), "roi_recall": pytest.approx(1.0)}
 
 
 def test_baseline_chosen_on_validation_not_test(tmp_path):
