@@ -316,8 +316,6 @@ def roi_quality(cfg: BenchConfig, manifest: Path) -> dict:
     """Mean occlusion precision / recall of a manifest's ROIs on the images with a non-empty mask (the x-axis of
     the benefit-vs-ROI-quality curve); {} when the data have no masks or the manifest no boxes. The manifest covers
     the pretraining images only, so the masks of val / test images are expected to have no ROI: no warning."""
-    import warnings
-
     from ..errors import DataError
     from ..localize.metrics import evaluate_manifest
     from ..rois.manifest import read_manifest
@@ -326,9 +324,7 @@ def roi_quality(cfg: BenchConfig, manifest: Path) -> dict:
     if not any(r["boxes"] for r in records):  # importance maps (Meijering, MedIM): no boxes to score
         return {}
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".* are not in the manifest")
-            s = evaluate_manifest(records, cfg.data).summary
+        s = evaluate_manifest(records, cfg.data, warn_missing=False).summary
     except DataError:
         return {}
     return {"roi_precision": s.get("precision"), "roi_recall": s.get("recall")}

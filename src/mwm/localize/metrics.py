@@ -149,14 +149,16 @@ def _mean(v: list[float]) -> float | None:
 
 
 def evaluate_manifest(manifest: str | Path | list[dict], gt: str | Path | GroundTruth, *,
-                      random_baseline: bool = False, seed: int = 0, batch_size: int = 256) -> EvalResult:
+                      random_baseline: bool = False, seed: int = 0, batch_size: int = 256,
+                      warn_missing: bool = True) -> EvalResult:
     """Score a manifest's boxes against ground-truth masks; see the module docstring for the definitions.
 
     manifest: a ``rois.jsonl`` path or its records (:func:`~mwm.localize.manifest.read_manifest`);
     gt: an npz / mask folder path or a :class:`GroundTruth`. Images are matched by id without extension.
     Masks are compared in stacks of ``batch_size`` images of the same size (one batched rasterization and
     one reduction per stack). ``random_baseline`` adds ``random_*`` means for boxes of the same sizes at
-    random positions (``seed``).
+    random positions (``seed``). ``warn_missing``: warn about annotated images the manifest lacks (always
+    counted in ``n_missing``); off where the manifest covers one split by design.
     """
     from ..rois.manifest import check_records, read_manifest
 
@@ -236,7 +238,7 @@ def evaluate_manifest(manifest: str | Path | list[dict], gt: str | Path | Ground
     if random_baseline:
         summary.update({f"random_{k}": _mean([row[f"random_{k}"] for row in scored]) for k in METRICS})
         summary["random_seed"] = seed
-    if missing:
+    if missing and warn_missing:
         warnings.warn(f"{len(missing)} annotated image(s) of {g.source} are not in the manifest "
                       f"(e.g. {', '.join(missing[:3])}); they are not scored", stacklevel=2)
     if aspect_mismatch:
